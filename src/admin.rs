@@ -1,0 +1,100 @@
+//! The admin listener (default 127.0.0.1:9901): `/metrics`, `/healthz`, `/readyz`, `/admin/*`.
+//!
+//! It is a separate socket from the public listeners, so no public request can reach it. When
+//! `admin.token` is set, every path but the health checks needs `Authorization: Bearer TOKEN`.
+
+use crate::body::ResponseBody;
+use crate::state::Shared;
+use http::{Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// Serves the admin endpoints on `listener` until the process exits.
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, std::convert::Infallible>(respond(&shared, req)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn json(status: StatusCode, body: serde_json::Value) -> Response<ResponseBody> {
+    let mut r = Response::new(ResponseBody::full(body.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error(status: StatusCode, message: &str) -> Response<ResponseBody> {
+    json(
+        status,
+        serde_json::json!({"error": {"code": status.as_u16(), "message": message}}),
+    )
+}
+
+fn respond(shared: &Shared, req: Request<Incoming>) -> Response<ResponseBody> {
+    let path = req.uri().path();
+    if path == "/healthz" {
+        return json(StatusCode::OK, serde_json::json!({"status": "ok"}));
+    }
+    if path == "/readyz" {
+        return if shared.ready.load(Ordering::Acquire) {
+            json(StatusCode::OK, serde_json::json!({"status": "ready"}))
+        } else {
+            json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"status": "starting"}))
+        };
+    }
+    let snap = shared.snapshot.load();
+    if let Some(token) = &snap.config.admin.token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+            let mut r = error(StatusCode::UNAUTHORIZED, "this admin endpoint needs Authorization: Bearer TOKEN");
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            return r;
+        }
+    }
+    match (req.method(), path) {
+        (&Method::GET, "/metrics") => {
+            let mut r = Response::new(ResponseBody::full(shared.metrics.render()));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
+        }
+        (_, "/metrics") => error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+        _ => error(StatusCode::NOT_FOUND, "unknown admin path; try /metrics, /healthz or /readyz"),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,275 @@
+//! Body types of the request path: a client's request body with its size limit, and the
+//! response body that streams an upstream's bytes (or a body Palisade made) to the client.
+//!
+//! Nothing is buffered: frames pass through one at a time. The response body also carries what
+//! must outlive the response head — the replica's in-flight count, the connection's activity
+//! counters and the access-log record — and settles them when the body ends or is dropped.
+
+use crate::server::ConnActivity;
+use crate::upstream::InFlight;
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+/// Why a body stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The client sent more than `max_request_body`.
+    #[error("request body exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// The limit, in bytes.
+        limit: u64,
+    },
+    /// The upstream sent nothing for its `timeout`.
+    #[error("upstream sent no body data for {0:?}")]
+    UpstreamStalled(Duration),
+    /// The peer's connection failed.
+    #[error(transparent)]
+    Transport(#[from] hyper::Error),
+}
+
+/// A client's request body, failing once more than `limit` bytes have arrived.
+pub struct RequestBody {
+    inner: Option<Incoming>,
+    seen: u64,
+    limit: u64,
+}
+
+impl RequestBody {
+    /// Wraps a client's body with its limit.
+    pub fn new(inner: Incoming, limit: u64) -> Self {
+        RequestBody {
+            inner: Some(inner),
+            seen: 0,
+            limit,
+        }
+    }
+
+    /// A body with nothing in it.
+    pub fn empty() -> Self {
+        RequestBody {
+            inner: None,
+            seen: 0,
+            limit: 0,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match ready!(Pin::new(inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    this.seen += data.len() as u64;
+                    if this.seen > this.limit {
+                        this.inner = None;
+                        return Poll::Ready(Some(Err(BodyError::TooLarge { limit: this.limit })));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.as_ref().map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
+
+/// The fields of one access-log line, written when the response body ends.
+pub struct AccessRecord {
+    /// When the request head arrived.
+    pub started: Instant,
+    /// Client socket address.
+    pub client: std::net::SocketAddr,
+    /// Request method.
+    pub method: http::Method,
+    /// Request path and query as sent.
+    pub uri: http::Uri,
+    /// Route name, or "-".
+    pub route: Arc<str>,
+    /// Replica URL, or "-".
+    pub replica: Arc<str>,
+    /// Response status.
+    pub status: u16,
+    /// The request's X-Request-Id.
+    pub request_id: http::HeaderValue,
+}
+
+impl AccessRecord {
+    fn write(&self, bytes: u64, complete: bool) {
+        tracing::info!(
+            target: "palisade::access",
+            client = %self.client.ip(),
+            method = %self.method,
+            path = %self.uri.path_and_query().map_or("/", |p| p.as_str()),
+            route = &*self.route,
+            replica = &*self.replica,
+            status = self.status,
+            bytes,
+            complete,
+            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            request_id = self.request_id.to_str().unwrap_or("-"),
+            "access"
+        );
+    }
+}
+
+enum Source {
+    Upstream(Incoming),
+    Full(Option<Bytes>),
+}
+
+/// A response body: an upstream's streamed body or a complete body Palisade made.
+pub struct ResponseBody {
+    source: Source,
+    stall_timeout: Duration,
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    bytes: u64,
+    done: bool,
+    in_flight: Option<InFlight>,
+    conn: Option<Arc<ConnActivity>>,
+    log: Option<Box<AccessRecord>>,
+}
+
+impl ResponseBody {
+    fn with(source: Source) -> Self {
+        ResponseBody {
+            source,
+            stall_timeout: Duration::from_secs(60),
+            stall: None,
+            bytes: 0,
+            done: false,
+            in_flight: None,
+            conn: None,
+            log: None,
+        }
+    }
+
+    /// A complete body.
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        Self::with(Source::Full(Some(bytes.into())))
+    }
+
+    /// No body.
+    pub fn empty() -> Self {
+        Self::with(Source::Full(None))
+    }
+
+    /// An upstream's body, failing if it stalls for `stall_timeout`; holds the replica's
+    /// in-flight count until it ends.
+    pub fn upstream(inner: Incoming, stall_timeout: Duration, in_flight: InFlight) -> Self {
+        let mut b = Self::with(Source::Upstream(inner));
+        b.stall_timeout = stall_timeout;
+        b.in_flight = Some(in_flight);
+        b
+    }
+
+    /// Ties the body to its connection's activity counters (for idle and slow-reader timeouts).
+    pub fn track(&mut self, conn: Arc<ConnActivity>) {
+        conn.body_started();
+        self.conn = Some(conn);
+    }
+
+    /// Writes an access-log line when the body ends.
+    pub fn log_on_end(&mut self, record: Box<AccessRecord>) {
+        self.log = Some(record);
+    }
+
+    fn finish(&mut self) {
+        if !self.done {
+            self.done = true;
+            self.in_flight = None;
+            if let Some(conn) = self.conn.take() {
+                conn.body_ended();
+            }
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        let complete = self.done || self.is_end_stream();
+        self.finish();
+        if let Some(log) = self.log.take() {
+            log.write(self.bytes, complete);
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        let polled = match &mut this.source {
+            Source::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Source::Upstream(inner) => match Pin::new(inner).poll_frame(cx) {
+                Poll::Pending => {
+                    let timeout = this.stall_timeout;
+                    let stall = this
+                        .stall
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                    ready!(stall.as_mut().poll(cx));
+                    this.done = true;
+                    return Poll::Ready(Some(Err(BodyError::UpstreamStalled(timeout))));
+                }
+                Poll::Ready(r) => {
+                    if let Some(stall) = this.stall.as_mut() {
+                        stall.as_mut().reset(tokio::time::Instant::now() + this.stall_timeout);
+                    }
+                    Poll::Ready(r.map(|r| r.map_err(BodyError::from)))
+                }
+            },
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+            }
+            Poll::Ready(None) => this.finish(),
+            Poll::Ready(Some(Err(_))) => {
+                // The stream is broken: the log line says incomplete.
+                this.in_flight = None;
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.source {
+            Source::Full(b) => b.is_none(),
+            Source::Upstream(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.source {
+            Source::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Source::Full(None) => SizeHint::with_exact(0),
+            Source::Upstream(b) => b.size_hint(),
+        }
+    }
+}
+
+use std::future::Future;

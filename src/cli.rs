@@ -1,0 +1,243 @@
+//! The command line: `run` (the default), `check`, `demo`.
+
+use crate::config::{self, Config, LogFormat};
+use crate::state::Shared;
+use crate::{admin, demo, server::Server};
+use clap::{Args, Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+const EXAMPLES: &str = "\
+Examples:
+  palisade demo                              run built-in demo replicas and the proxy, print curl lines
+  palisade check -c /etc/palisade/palisade.toml   validate a config (exit 0 if valid, 1 with every error)
+  palisade run -c palisade.toml              run the proxy (SIGHUP reloads, SIGTERM drains and exits)
+  palisade -c palisade.toml                  the same: run is the default";
+
+/// Palisade: a caching reverse proxy for HTTP APIs you cannot change.
+#[derive(Parser, Debug)]
+#[command(name = "palisade", version, about, after_help = EXAMPLES, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: ConfigArg,
+}
+
+#[derive(Args, Debug, Clone)]
+struct ConfigArg {
+    /// The config file.
+    #[arg(short, long, env = "PALISADE_CONFIG", default_value = "/etc/palisade/palisade.toml")]
+    config: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the proxy (the default).
+    Run(ConfigArg),
+    /// Validate a config file and print a summary, like `nginx -t`.
+    Check(ConfigArg),
+    /// Start two demo replicas on loopback and the proxy with config/demo.toml.
+    Demo,
+}
+
+/// Parses the command line and runs the chosen command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        None => run(&cli.run.config),
+        Some(Command::Run(a)) => run(&a.config),
+        Some(Command::Check(a)) => check(&a.config),
+        Some(Command::Demo) => run_demo(),
+    }
+}
+
+fn print_errors(e: &config::ConfigErrors) {
+    for err in &e.0 {
+        eprintln!("error: {err}");
+    }
+    eprintln!("{} error{} found", e.0.len(), if e.0.len() == 1 { "" } else { "s" });
+}
+
+fn check(path: &Path) -> ExitCode {
+    match config::load(path) {
+        Ok(c) => {
+            print!("{}", summary(&c));
+            println!("{}: the configuration is valid", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            print_errors(&e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A one-screen summary of listeners, routes and upstreams.
+pub fn summary(c: &Config) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let s_ = &c.server;
+    let listen: Vec<String> = s_.listen.iter().map(|a| a.to_string()).collect();
+    let _ = writeln!(s, "listeners: {} (HTTP/1.1 and h2c), {} workers, max {} connections", listen.join(", "), s_.workers, s_.max_connections);
+    let _ = writeln!(s, "admin:     {}{}", c.admin.listen, if c.admin.token.is_some() { " (token required)" } else { "" });
+    let _ = writeln!(s, "routes:");
+    for r in &c.routes {
+        let host = r.host.as_ref().map_or("*".to_owned(), |h| h.to_string());
+        let methods = r.methods.as_ref().map_or("any".to_owned(), |m| m.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(","));
+        let _ = writeln!(s, "  {:<16} {host}{} [{methods}] -> {}", r.name, r.path_prefix, c.upstreams[r.upstream].name);
+    }
+    let _ = writeln!(s, "upstreams:");
+    for u in &c.upstreams {
+        let _ = writeln!(
+            s,
+            "  {:<16} {} replicas, {}, connect_timeout {:?}, timeout {:?}: {}",
+            u.name,
+            u.replicas.len(),
+            u.balance.as_str(),
+            u.connect_timeout,
+            u.timeout,
+            u.replicas.join(" ")
+        );
+    }
+    s
+}
+
+fn init_logging(c: &Config) -> tracing_appender::non_blocking::WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(64 * 1024)
+        .finish(std::io::stdout());
+    let filter = tracing_subscriber::EnvFilter::try_new(&c.log.level).unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    match c.log.format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Pretty => builder.init(),
+    }
+    guard
+}
+
+fn run(path: &Path) -> ExitCode {
+    match config::load(path) {
+        Ok(c) => serve(c, None),
+        Err(e) => {
+            print_errors(&e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_demo() -> ExitCode {
+    let path = PathBuf::from("config/demo.toml (embedded)");
+    match config::parse(config::DEMO_CONFIG, &path) {
+        Ok(c) => serve(c, Some(demo::start)),
+        Err(e) => {
+            print_errors(&e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type BeforeStart = fn(&Config) -> std::io::Result<()>;
+
+/// Runs the proxy with a validated config until SIGTERM or SIGINT.
+fn serve(config: Config, before: Option<BeforeStart>) -> ExitCode {
+    let _log_guard = init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.server.workers)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(async move {
+        if let Some(before) = before
+            && let Err(e) = before(&config)
+        {
+            tracing::error!(error = %e, "demo replicas failed to start");
+            return ExitCode::FAILURE;
+        }
+        let admin_addr = config.admin.listen;
+        let shared = Shared::new(config);
+        let admin_listener = match crate::server::bind(admin_addr) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(addr = %admin_addr, error = %e, "cannot bind the admin listener");
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Ok(local) = admin_listener.local_addr() {
+            tracing::info!(listener = "admin", addr = %local, "listening");
+        }
+        tokio::spawn(admin::serve(shared.clone(), admin_listener));
+        let server = Server::new(shared.clone());
+        if let Err(e) = server.sync_listeners() {
+            tracing::error!(error = %e, "cannot bind a public listener");
+            return ExitCode::FAILURE;
+        }
+        shared.ready.store(true, Ordering::Release);
+        tracing::info!(version = env!("CARGO_PKG_VERSION"), "palisade started");
+        wait_for_signals(&shared, &server).await
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
+}
+
+async fn wait_for_signals(shared: &Arc<Shared>, server: &Arc<Server>) -> ExitCode {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return ExitCode::FAILURE;
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => reload(shared, server),
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    shared.ready.store(false, Ordering::Release);
+    tracing::info!("shutting down: draining connections");
+    if server.drain().await {
+        tracing::info!("drained; exiting");
+    } else {
+        tracing::warn!("drain timeout passed with connections still open; exiting");
+    }
+    ExitCode::SUCCESS
+}
+
+/// Reloads the config file (SIGHUP); an invalid file keeps the running config.
+pub fn reload(shared: &Arc<Shared>, server: &Arc<Server>) {
+    let before = shared.snapshot.load().config.clone();
+    match shared.reload() {
+        Ok(now) => {
+            if now.admin != before.admin {
+                tracing::warn!("admin listener changes take effect at restart");
+            }
+            if now.log != before.log {
+                tracing::warn!("log settings take effect at restart");
+            }
+            if now.server.workers != before.server.workers || now.server.max_connections != before.server.max_connections {
+                tracing::warn!("server.workers and server.max_connections take effect at restart");
+            }
+            if let Err(e) = server.sync_listeners() {
+                tracing::error!(error = %e, "reloaded, but a new listener could not be bound");
+            }
+            tracing::info!(file = %now.file.display(), routes = now.routes.len(), "config reloaded");
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                tracing::error!(error = %e, "config reload rejected; keeping the running config");
+            }
+        }
+    }
+}

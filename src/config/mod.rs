@@ -1,0 +1,177 @@
+//! Configuration: the TOML file's types, its validation into runtime settings, and loading.
+//!
+//! One function, [`load`], reads and validates a file; `run`, `check`, reload and the tests all
+//! call it. Validation collects every error it can find, each naming file, line, column and key.
+
+mod error;
+#[allow(dead_code, reason = "keys of later features are parsed now, so that typos in them are caught; their features read them")]
+mod schema;
+mod validate;
+pub mod values;
+
+pub use error::{ConfigError, ConfigErrors};
+
+use http::Method;
+use ipnet::IpNet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The config `palisade demo` runs, embedded in the binary.
+pub const DEMO_CONFIG: &str = include_str!("../../config/demo.toml");
+
+/// A validated config, compiled into the values the runtime needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Where it was read from (for reloads and messages).
+    pub file: PathBuf,
+    /// `[server]`.
+    pub server: ServerSettings,
+    /// `[admin]`.
+    pub admin: AdminSettings,
+    /// `[log]`.
+    pub log: LogSettings,
+    /// `[upstreams.*]`, sorted by name.
+    pub upstreams: Vec<UpstreamSpec>,
+    /// `[[routes]]`, in file order.
+    pub routes: Vec<RouteSpec>,
+}
+
+/// Public listener settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerSettings {
+    /// Plain HTTP listen addresses (HTTP/1.1 and h2c).
+    pub listen: Vec<SocketAddr>,
+    /// Peers whose X-Forwarded-For / Forwarded headers are believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Time a client has to send a request's headers.
+    pub header_read_timeout: Duration,
+    /// A connection that moves no bytes for this long is closed.
+    pub idle_timeout: Duration,
+    /// Largest request head (request line and headers).
+    pub max_header_bytes: usize,
+    /// Largest request body, counted while streaming.
+    pub max_request_body: u64,
+    /// Open client connections at most; past it, new ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// Runtime worker threads.
+    pub workers: usize,
+    /// How long shutdown waits for in-flight requests.
+    pub drain_timeout: Duration,
+}
+
+/// Admin listener settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminSettings {
+    /// Where /metrics, /healthz, /readyz and /admin/* are served.
+    pub listen: SocketAddr,
+    /// Bearer token required on /admin/* (and on everything when not loopback).
+    pub token: Option<String>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable lines.
+    Pretty,
+}
+
+/// Logging settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogSettings {
+    /// Output format.
+    pub format: LogFormat,
+    /// A tracing filter directive such as "info" or "palisade=debug".
+    pub level: String,
+    /// Whether one line is written per request.
+    pub access_log: bool,
+}
+
+/// How an upstream spreads requests over its replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// Each replica in turn.
+    RoundRobin,
+    /// The replica with the fewest requests in flight.
+    LeastRequests,
+}
+
+impl Balance {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round_robin",
+            Balance::LeastRequests => "least_requests",
+        }
+    }
+}
+
+/// One `[upstreams.NAME]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamSpec {
+    /// Its name in the file.
+    pub name: String,
+    /// Replica base URLs, normalized to `http://host:port`.
+    pub replicas: Vec<String>,
+    /// Balancing rule.
+    pub balance: Balance,
+    /// Time allowed to open a connection (502 past it).
+    pub connect_timeout: Duration,
+    /// Time allowed for the response headers, and between body chunks (504 past it).
+    pub timeout: Duration,
+}
+
+/// A host a route matches.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HostPattern {
+    /// `api.example.com` (lower-case, no port).
+    Exact(String),
+    /// `*.example.com`, stored as the suffix `.example.com`: any name ending in it.
+    Wildcard(String),
+}
+
+impl std::fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HostPattern::Exact(h) => f.write_str(h),
+            HostPattern::Wildcard(s) => write!(f, "*{s}"),
+        }
+    }
+}
+
+/// One `[[routes]]` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteSpec {
+    /// Unique name (metric label, access log).
+    pub name: String,
+    /// Host it applies to; `None` is any host.
+    pub host: Option<HostPattern>,
+    /// Path prefix, matched byte for byte as nginx's prefix locations are.
+    pub path_prefix: String,
+    /// Methods it applies to; `None` is all.
+    pub methods: Option<Vec<Method>>,
+    /// Index into [`Config::upstreams`].
+    pub upstream: usize,
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: name.clone(),
+            line: 0,
+            column: 0,
+            key: String::new(),
+            message: format!("cannot read the config file: {e}"),
+        }])
+    })?;
+    parse(&text, path)
+}
+
+/// Validates config text; `path` names it in errors and is kept for reloads.
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+    validate::validate(text, path)
+}

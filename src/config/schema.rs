@@ -1,0 +1,205 @@
+//! The config file as written: serde types that mirror the TOML of DESIGN.md one to one.
+//!
+//! Unknown keys are rejected here (`deny_unknown_fields`); meaning is checked in `validate`.
+//! Values whose meaning is checked later keep their position (`Spanned`) so that errors can point
+//! at them.
+
+use super::values::{ByteSize, Duration, Percent, Rate, Text};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use toml::Spanned;
+
+/// The whole file.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub admin: RawAdmin,
+    #[serde(default)]
+    pub log: RawLog,
+    pub cache: Option<Spanned<RawCache>>,
+    pub rate_limit: Option<Spanned<RawGlobalRateLimit>>,
+    pub rate_limits: Option<Spanned<BTreeMap<String, RawRateLimit>>>,
+    #[serde(default)]
+    pub upstreams: BTreeMap<Spanned<String>, Spanned<RawUpstream>>,
+    #[serde(default)]
+    pub routes: Vec<Spanned<RawRoute>>,
+}
+
+/// `[server]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: Option<Spanned<Vec<Spanned<Text>>>>,
+    pub trusted_proxies: Option<Vec<Spanned<Text>>>,
+    pub header_read_timeout: Option<Spanned<Duration>>,
+    pub idle_timeout: Option<Spanned<Duration>>,
+    pub max_header_bytes: Option<Spanned<ByteSize>>,
+    pub max_request_body: Option<Spanned<ByteSize>>,
+    pub max_connections: Option<Spanned<i64>>,
+    pub workers: Option<Spanned<i64>>,
+    pub drain_timeout: Option<Spanned<Duration>>,
+    pub tls: Option<Spanned<RawTls>>,
+}
+
+/// `[server.tls]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub listen: Vec<Spanned<Text>>,
+    pub certificates: Vec<RawCertificate>,
+}
+
+/// One certificate pair of `[server.tls]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertificate {
+    pub cert: Text,
+    pub key: Text,
+}
+
+/// `[admin]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Option<Spanned<Text>>,
+    pub token: Option<Spanned<Text>>,
+}
+
+/// `[log]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub format: Option<Spanned<Text>>,
+    pub level: Option<Spanned<Text>>,
+    pub access_log: Option<bool>,
+}
+
+/// `[cache]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    pub memory: Option<ByteSize>,
+    pub max_object_size: Option<ByteSize>,
+    pub redis: Option<RawRedis>,
+}
+
+/// A Redis connection (`cache.redis`, `rate_limit.redis`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedis {
+    pub url: Text,
+    pub timeout: Option<Duration>,
+    pub on_error: Option<Text>,
+}
+
+/// `[rate_limit]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGlobalRateLimit {
+    pub redis: Option<RawRedis>,
+}
+
+/// A rate-limit policy: a route's `rate_limit = {...}` or `[rate_limits.NAME]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub per: Option<toml::Value>,
+    pub limit: Option<Rate>,
+    pub burst: Option<i64>,
+    pub missing: Option<Text>,
+    pub headers: Option<bool>,
+}
+
+/// A route's `rate_limit`: a policy inline, or the name of a `[rate_limits.NAME]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawRouteRateLimit {
+    /// `rate_limit = "name"`.
+    Named(Text),
+    /// `rate_limit = { per = ..., limit = ... }`.
+    Inline(RawRateLimit),
+}
+
+/// `[upstreams.NAME]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub replicas: Spanned<Vec<Spanned<Text>>>,
+    pub balance: Option<Spanned<Text>>,
+    pub connect_timeout: Option<Spanned<Duration>>,
+    pub timeout: Option<Spanned<Duration>>,
+    pub retry: Option<Spanned<RawRetry>>,
+    pub health: Option<Spanned<RawHealth>>,
+    pub circuit_breaker: Option<Spanned<RawCircuitBreaker>>,
+}
+
+/// `retry = {...}` of an upstream.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    pub attempts: Option<i64>,
+    pub on: Option<Vec<Text>>,
+    pub budget: Option<Percent>,
+}
+
+/// `[upstreams.NAME.health]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    pub path: Option<Text>,
+    pub interval: Option<Duration>,
+    pub timeout: Option<Duration>,
+    pub healthy_after: Option<i64>,
+    pub unhealthy_after: Option<i64>,
+    pub expected_statuses: Option<Vec<i64>>,
+}
+
+/// `[upstreams.NAME.circuit_breaker]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCircuitBreaker {
+    pub consecutive_failures: Option<i64>,
+    pub failure_rate: Option<Percent>,
+    pub min_requests: Option<i64>,
+    pub window: Option<Duration>,
+    pub open_for: Option<Duration>,
+    pub half_open_requests: Option<i64>,
+}
+
+/// One `[[routes]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: Spanned<Text>,
+    #[serde(rename = "match")]
+    pub matcher: Option<Spanned<RawMatch>>,
+    pub upstream: Spanned<Text>,
+    pub cache: Option<Spanned<RawRouteCache>>,
+    pub rate_limit: Option<Spanned<RawRouteRateLimit>>,
+}
+
+/// A route's `match = {...}`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatch {
+    pub host: Option<Spanned<Text>>,
+    pub path_prefix: Option<Spanned<Text>>,
+    pub methods: Option<Spanned<Vec<Spanned<Text>>>>,
+}
+
+/// A route's `cache = {...}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouteCache {
+    pub ttl: Option<Duration>,
+    pub stale_while_revalidate: Option<Duration>,
+    pub stale_if_error: Option<Duration>,
+    pub vary: Option<Vec<Text>>,
+    pub respect_origin: Option<bool>,
+    pub statuses: Option<Vec<i64>>,
+    pub query: Option<toml::Value>,
+    pub allow_set_cookie: Option<bool>,
+}

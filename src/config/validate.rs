@@ -1,0 +1,454 @@
+//! Turns the file as written into a [`Config`], collecting every error with its position.
+
+use super::error::{ConfigError, ConfigErrors, Locator};
+use super::schema::*;
+use super::values::Text;
+use super::*;
+use std::collections::{BTreeMap, HashMap};
+use toml::Spanned;
+
+const NOT_YET: &str = "is not supported yet";
+
+struct Checker<'a> {
+    loc: Locator<'a>,
+    errors: Vec<ConfigError>,
+}
+
+impl Checker<'_> {
+    fn err<T>(&mut self, at: &Spanned<T>, key: impl Into<String>, message: impl Into<String>) {
+        let e = self.loc.error(at.span().start, key, message);
+        self.errors.push(e);
+    }
+
+    fn positive_duration(&mut self, v: &Option<Spanned<values::Duration>>, key: &str, default: Duration) -> Duration {
+        match v {
+            Some(d) if d.get_ref().0.is_zero() => {
+                self.err(d, key, "must be greater than 0s, like \"10s\"");
+                default
+            }
+            Some(d) => d.get_ref().0,
+            None => default,
+        }
+    }
+
+    fn count(&mut self, v: &Option<Spanned<i64>>, key: &str, default: usize, max: usize) -> usize {
+        match v {
+            Some(n) if *n.get_ref() < 1 || *n.get_ref() as u64 > max as u64 => {
+                self.err(n, key, format!("must be a whole number from 1 to {max}, not {}", n.get_ref()));
+                default
+            }
+            Some(n) => *n.get_ref() as usize,
+            None => default,
+        }
+    }
+
+    fn not_yet<T>(&mut self, v: &Option<Spanned<T>>, key: &str, issue: &str) {
+        if let Some(v) = v {
+            self.err(v, key, format!("{NOT_YET}: it comes with the {issue} work; remove it for now"));
+        }
+    }
+}
+
+pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+    let file = path.display().to_string();
+    let loc = Locator { file: &file, text };
+    let raw: RawConfig = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            let offset = e.span().map_or(0, |s| s.start);
+            let key = loc.key_at(offset).unwrap_or_default();
+            let message = e.message().trim().replace('\n', " ");
+            return Err(ConfigErrors(vec![loc.error(offset, key, message)]));
+        }
+    };
+    let mut c = Checker { loc, errors: Vec::new() };
+
+    let server = server(&mut c, &raw.server);
+    let admin = admin(&mut c, &raw.admin);
+    let log = log(&mut c, &raw.log);
+    c.not_yet(&raw.cache, "cache", "response cache");
+    c.not_yet(&raw.rate_limit, "rate_limit", "rate limit");
+    c.not_yet(&raw.rate_limits, "rate_limits", "rate limit");
+    let upstreams = upstreams(&mut c, &raw.upstreams);
+    let routes = routes(&mut c, &raw.routes, &upstreams);
+
+    if c.errors.is_empty() {
+        Ok(Config {
+            file: path.to_path_buf(),
+            server,
+            admin,
+            log,
+            upstreams,
+            routes,
+        })
+    } else {
+        c.errors.sort_by_key(|e| (e.line, e.column));
+        Err(ConfigErrors(c.errors))
+    }
+}
+
+fn socket_addr(c: &mut Checker, v: &Spanned<Text>, key: &str) -> Option<SocketAddr> {
+    match v.get_ref().parse::<SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            c.err(
+                v,
+                key,
+                format!(
+                    "invalid address {:?}: write IP:PORT, like \"0.0.0.0:8080\" or \"[::1]:8080\"",
+                    v.get_ref().0
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn server(c: &mut Checker, s: &RawServer) -> ServerSettings {
+    let mut listen = Vec::new();
+    match &s.listen {
+        Some(list) if list.get_ref().is_empty() => {
+            c.err(list, "server.listen", "must name at least one address, like [\"0.0.0.0:8080\"]")
+        }
+        Some(list) => {
+            for (i, a) in list.get_ref().iter().enumerate() {
+                let key = format!("server.listen[{i}]");
+                if let Some(addr) = socket_addr(c, a, &key) {
+                    if listen.contains(&addr) {
+                        c.err(a, key, format!("{addr} is listed twice"));
+                    } else {
+                        listen.push(addr);
+                    }
+                }
+            }
+        }
+        None => listen.push(SocketAddr::from(([0, 0, 0, 0], 8080))),
+    }
+    let mut trusted_proxies = Vec::new();
+    for (i, p) in s.trusted_proxies.iter().flatten().enumerate() {
+        let t = p.get_ref().trim();
+        match t.parse::<IpNet>().or_else(|_| t.parse::<std::net::IpAddr>().map(IpNet::from)) {
+            Ok(net) => trusted_proxies.push(net.trunc()),
+            Err(_) => c.err(
+                p,
+                format!("server.trusted_proxies[{i}]"),
+                format!("invalid network {t:?}: write an address or CIDR, like \"10.0.0.0/8\" or \"192.0.2.7\""),
+            ),
+        }
+    }
+    let header_read_timeout = c.positive_duration(&s.header_read_timeout, "server.header_read_timeout", Duration::from_secs(10));
+    let idle_timeout = c.positive_duration(&s.idle_timeout, "server.idle_timeout", Duration::from_secs(60));
+    let drain_timeout = c.positive_duration(&s.drain_timeout, "server.drain_timeout", Duration::from_secs(30));
+    let max_header_bytes = match &s.max_header_bytes {
+        Some(v) if !(8192..=1 << 20).contains(&v.get_ref().0) => {
+            c.err(v, "server.max_header_bytes", format!("must be from 8KiB to 1MiB, not {}", v.get_ref()));
+            32 << 10
+        }
+        Some(v) => v.get_ref().0 as usize,
+        None => 32 << 10,
+    };
+    let max_request_body = match &s.max_request_body {
+        Some(v) if v.get_ref().0 == 0 => {
+            c.err(v, "server.max_request_body", "must be greater than 0, like \"10MiB\"");
+            10 << 20
+        }
+        Some(v) => v.get_ref().0,
+        None => 10 << 20,
+    };
+    let max_connections = c.count(&s.max_connections, "server.max_connections", 10_000, 1_000_000);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = c.count(&s.workers, "server.workers", cores, 1024);
+    c.not_yet(&s.tls, "server.tls", "TLS");
+    ServerSettings {
+        listen,
+        trusted_proxies,
+        header_read_timeout,
+        idle_timeout,
+        max_header_bytes,
+        max_request_body,
+        max_connections,
+        workers,
+        drain_timeout,
+    }
+}
+
+fn admin(c: &mut Checker, a: &RawAdmin) -> AdminSettings {
+    let default = SocketAddr::from(([127, 0, 0, 1], 9901));
+    let listen = a
+        .listen
+        .as_ref()
+        .and_then(|l| socket_addr(c, l, "admin.listen"))
+        .unwrap_or(default);
+    let token = match &a.token {
+        Some(t) if t.get_ref().trim().is_empty() => {
+            c.err(t, "admin.token", "must not be empty");
+            None
+        }
+        Some(t) => Some(t.get_ref().0.clone()),
+        None => None,
+    };
+    if token.is_none()
+        && !listen.ip().is_loopback()
+        && let Some(l) = &a.listen
+    {
+        c.err(
+            l,
+            "admin.listen",
+            format!("{listen} is not a loopback address, so admin.token is required (for example token = \"${{PALISADE_ADMIN_TOKEN}}\")"),
+        );
+    }
+    AdminSettings { listen, token }
+}
+
+fn log(c: &mut Checker, l: &RawLog) -> LogSettings {
+    let format = match &l.format {
+        None => LogFormat::Json,
+        Some(f) => match f.get_ref().as_ref() {
+            "json" => LogFormat::Json,
+            "pretty" => LogFormat::Pretty,
+            other => {
+                c.err(f, "log.format", format!("unknown format {other:?}: allowed are \"json\" and \"pretty\""));
+                LogFormat::Json
+            }
+        },
+    };
+    let level = match &l.level {
+        None => "info".to_owned(),
+        Some(v) => {
+            if tracing_subscriber::EnvFilter::try_new(v.get_ref().0.as_str()).is_err() || v.get_ref().trim().is_empty() {
+                c.err(
+                    v,
+                    "log.level",
+                    format!(
+                        "invalid level {:?}: allowed are trace, debug, info, warn, error, or a filter like \"palisade=debug,info\"",
+                        v.get_ref().0
+                    ),
+                );
+            }
+            v.get_ref().0.clone()
+        }
+    };
+    LogSettings {
+        format,
+        level,
+        access_log: l.access_log.unwrap_or(true),
+    }
+}
+
+fn upstream_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-')
+}
+
+fn upstreams(c: &mut Checker, raw: &BTreeMap<Spanned<String>, Spanned<RawUpstream>>) -> Vec<UpstreamSpec> {
+    let mut out = Vec::new();
+    for (name, u) in raw {
+        let key = format!("upstreams.{}", name.get_ref());
+        if !upstream_name_ok(name.get_ref()) {
+            c.err(name, &key, "an upstream name may hold only letters, digits, _ and -");
+        }
+        let u = u.get_ref();
+        let mut replicas = Vec::new();
+        if u.replicas.get_ref().is_empty() {
+            c.err(&u.replicas, format!("{key}.replicas"), "must list at least one replica, like [\"http://10.0.0.11:8080\"]");
+        }
+        for (i, r) in u.replicas.get_ref().iter().enumerate() {
+            let rkey = format!("{key}.replicas[{i}]");
+            match replica_url(r.get_ref()) {
+                Ok(url) if replicas.contains(&url) => c.err(r, rkey, format!("{url} is listed twice")),
+                Ok(url) => replicas.push(url),
+                Err(msg) => c.err(r, rkey, msg),
+            }
+        }
+        let balance = match &u.balance {
+            None => Balance::RoundRobin,
+            Some(b) => match b.get_ref().as_ref() {
+                "round_robin" => Balance::RoundRobin,
+                "least_requests" => Balance::LeastRequests,
+                "p2c_ewma" | "consistent_hash" => {
+                    c.err(b, format!("{key}.balance"), format!("{:?} {NOT_YET}: it comes with the replica health work; allowed now are \"round_robin\" and \"least_requests\"", b.get_ref().0));
+                    Balance::RoundRobin
+                }
+                other => {
+                    c.err(b, format!("{key}.balance"), format!("unknown balancer {other:?}: allowed are \"round_robin\", \"least_requests\" (and later \"p2c_ewma\", \"consistent_hash\")"));
+                    Balance::RoundRobin
+                }
+            },
+        };
+        let connect_timeout = c.positive_duration(&u.connect_timeout, &format!("{key}.connect_timeout"), Duration::from_secs(1));
+        let timeout = c.positive_duration(&u.timeout, &format!("{key}.timeout"), Duration::from_secs(15));
+        c.not_yet(&u.retry, &format!("{key}.retry"), "replica health");
+        c.not_yet(&u.health, &format!("{key}.health"), "replica health");
+        c.not_yet(&u.circuit_breaker, &format!("{key}.circuit_breaker"), "replica health");
+        out.push(UpstreamSpec {
+            name: name.get_ref().clone(),
+            replicas,
+            balance,
+            connect_timeout,
+            timeout,
+        });
+    }
+    out
+}
+
+/// Normalizes a replica URL to `http://host:port`, or says what is wrong with it.
+fn replica_url(raw: &str) -> Result<String, String> {
+    let allowed = "write http://HOST:PORT, like \"http://10.0.0.11:8080\"";
+    let uri: http::Uri = raw
+        .parse()
+        .map_err(|e| format!("invalid replica URL {raw:?} ({e}): {allowed}"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => return Err(format!("https replicas are {NOT_YET} (they come with the TLS work): {allowed}")),
+        Some(s) => return Err(format!("unsupported scheme {s:?} in {raw:?}: {allowed}")),
+        None => return Err(format!("{raw:?} has no scheme: {allowed}")),
+    }
+    let authority = uri.authority().ok_or_else(|| format!("{raw:?} has no host: {allowed}"))?;
+    if authority.as_str().contains('@') {
+        return Err(format!("{raw:?} holds credentials, which are not allowed: {allowed}"));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(format!("{raw:?} has a path or query; a replica is only scheme, host and port: {allowed}"));
+    }
+    let host = authority.host();
+    if host.is_empty() {
+        return Err(format!("{raw:?} has no host: {allowed}"));
+    }
+    let port = authority.port_u16().unwrap_or(80);
+    if port == 0 {
+        return Err(format!("{raw:?} has port 0: {allowed}"));
+    }
+    Ok(format!("http://{}:{port}", host.to_ascii_lowercase()))
+}
+
+fn host_pattern(raw: &str) -> Result<HostPattern, String> {
+    let h = raw.trim().trim_end_matches('.').to_ascii_lowercase();
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-')
+    };
+    let allowed = "write a host name like \"api.example.com\" or \"*.example.com\" (no port, no scheme)";
+    if let Some(suffix) = h.strip_prefix("*.") {
+        if suffix.split('.').all(label_ok) {
+            return Ok(HostPattern::Wildcard(format!(".{suffix}")));
+        }
+    } else if h.split('.').all(label_ok) {
+        return Ok(HostPattern::Exact(h));
+    }
+    Err(format!("invalid host {raw:?}: {allowed}"))
+}
+
+fn routes(c: &mut Checker, raw: &[Spanned<RawRoute>], upstreams: &[UpstreamSpec]) -> Vec<RouteSpec> {
+    let mut out = Vec::new();
+    if raw.is_empty() {
+        c.errors.push(c.loc.error(0, "routes", "no [[routes]]: add at least one, like [[routes]] name = \"default\" upstream = \"NAME\""));
+    }
+    let mut names: HashMap<String, usize> = HashMap::new();
+    // (host, prefix) -> (route index, methods or None for all)
+    let mut seen: HashMap<(Option<HostPattern>, String), Vec<(usize, Option<Vec<Method>>)>> = HashMap::new();
+    for (i, r) in raw.iter().enumerate() {
+        let key = format!("routes[{i}]");
+        let r = r.get_ref();
+        let name = r.name.get_ref().trim().to_owned();
+        if name.is_empty() {
+            c.err(&r.name, format!("{key}.name"), "must not be empty");
+        } else if let Some(first) = names.get(&name) {
+            c.err(&r.name, format!("{key}.name"), format!("route name {name:?} is already used by routes[{first}]; names must be unique"));
+        } else {
+            names.insert(name.clone(), i);
+        }
+        let upstream = match upstreams.iter().position(|u| u.name == r.upstream.get_ref().as_ref()) {
+            Some(u) => u,
+            None => {
+                let known: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
+                c.err(
+                    &r.upstream,
+                    format!("{key}.upstream"),
+                    format!("unknown upstream {:?}: defined upstreams are {known:?}", r.upstream.get_ref().0),
+                );
+                0
+            }
+        };
+        let m = r.matcher.as_ref().map(|m| m.get_ref());
+        let host = match m.and_then(|m| m.host.as_ref()) {
+            None => None,
+            Some(h) => match host_pattern(h.get_ref()) {
+                Ok(p) => Some(p),
+                Err(msg) => {
+                    c.err(h, format!("{key}.match.host"), msg);
+                    None
+                }
+            },
+        };
+        let path_prefix = match m.and_then(|m| m.path_prefix.as_ref()) {
+            None => "/".to_owned(),
+            Some(p) if !p.get_ref().starts_with('/') => {
+                c.err(p, format!("{key}.match.path_prefix"), format!("{:?} must start with /, like \"/products\"", p.get_ref().0));
+                "/".to_owned()
+            }
+            Some(p) if p.get_ref().chars().any(|ch| ch.is_ascii_control() || ch == ' ' || ch == '?' || ch == '#') => {
+                c.err(p, format!("{key}.match.path_prefix"), "may not hold spaces, control characters, ? or #");
+                "/".to_owned()
+            }
+            Some(p) => p.get_ref().0.clone(),
+        };
+        let methods = match m.and_then(|m| m.methods.as_ref()) {
+            None => None,
+            Some(list) if list.get_ref().is_empty() => {
+                c.err(list, format!("{key}.match.methods"), "must list at least one method, or be left out to match all");
+                None
+            }
+            Some(list) => {
+                let mut ms: Vec<Method> = Vec::new();
+                for (j, v) in list.get_ref().iter().enumerate() {
+                    let upper = v.get_ref().trim().to_ascii_uppercase();
+                    match Method::from_bytes(upper.as_bytes()) {
+                        Ok(meth) if ms.contains(&meth) => c.err(v, format!("{key}.match.methods[{j}]"), format!("{upper} is listed twice")),
+                        Ok(meth) if !upper.is_empty() => ms.push(meth),
+                        _ => c.err(v, format!("{key}.match.methods[{j}]"), format!("invalid method {:?}: write a method such as \"GET\"", v.get_ref().0)),
+                    }
+                }
+                Some(ms)
+            }
+        };
+        c.not_yet(&r.cache, &format!("{key}.cache"), "response cache");
+        c.not_yet(&r.rate_limit, &format!("{key}.rate_limit"), "rate limit");
+
+        let slot = seen.entry((host.clone(), path_prefix.clone())).or_default();
+        for (other, other_methods) in slot.iter() {
+            let overlap = match (&methods, other_methods) {
+                (None, _) | (_, None) => true,
+                (Some(a), Some(b)) => a.iter().any(|x| b.contains(x)),
+            };
+            if overlap {
+                let where_ = match &host {
+                    Some(h) => format!("host {h}, "),
+                    None => String::new(),
+                };
+                let at = r.matcher.as_ref().map_or(r.name.span().start, |m| m.span().start);
+                let e = c.loc.error(
+                    at,
+                    format!("{key}.match"),
+                    format!(
+                        "routes[{other}] ({:?}) already matches {where_}path prefix {path_prefix:?} for the same methods; give one a different host, prefix or methods",
+                        raw[*other].get_ref().name.get_ref().0
+                    ),
+                );
+                c.errors.push(e);
+                break;
+            }
+        }
+        slot.push((i, methods.clone()));
+        out.push(RouteSpec {
+            name,
+            host,
+            path_prefix,
+            methods,
+            upstream,
+        });
+    }
+    out
+}

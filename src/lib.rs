@@ -1,0 +1,30 @@
+//! Palisade: a caching reverse proxy for HTTP APIs that cannot be changed.
+//!
+//! A request passes each module once, top to bottom:
+//!
+//! ```text
+//! server (accept, limits, timeouts) → proxy::handle: check request → router → upstream (pick a
+//! replica, send) → body (stream the response back, write the access log at its end)
+//! ```
+//!
+//! - [`config`]: the TOML file, validation with file:line:col errors, loading.
+//! - [`state`]: the config compiled into a snapshot behind an `ArcSwap`; reload.
+//! - [`server`]: public listeners, connection limits and timeouts, graceful drain.
+//! - [`router`]: host → longest path prefix → method.
+//! - [`proxy`]: the request pipeline, header rules, error responses.
+//! - [`upstream`]: replicas, connection pools, balancers.
+//! - [`body`]: streamed request and response bodies.
+//! - [`metrics`]: every Prometheus metric; [`admin`]: the admin listener.
+//! - [`cli`]: `run`, `check`, `demo`; [`demo`]: the built-in demo replicas.
+
+pub mod admin;
+pub mod body;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod metrics;
+pub mod proxy;
+pub mod router;
+pub mod server;
+pub mod state;
+pub mod upstream;

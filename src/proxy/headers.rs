@@ -1,0 +1,176 @@
+//! Header rules of a proxy: hop-by-hop headers removed both ways, forwarding headers
+//! (X-Forwarded-*, Forwarded, Via) set, and extended from a client's values only when the peer is
+//! a trusted proxy.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use ipnet::IpNet;
+use std::net::IpAddr;
+
+/// `Via` value added to requests and responses.
+pub const VIA_H1: HeaderValue = HeaderValue::from_static("1.1 palisade");
+/// `Via` value for requests that arrived over HTTP/2.
+pub const VIA_H2: HeaderValue = HeaderValue::from_static("2 palisade");
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
+/// `X-Request-Id`.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Removes hop-by-hop headers: Connection and the headers it names, Keep-Alive, TE, Trailer,
+/// Transfer-Encoding, Upgrade and every Proxy-* header.
+pub fn remove_hop_by_hop(h: &mut HeaderMap) {
+    if h.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
+        h.remove(header::CONNECTION);
+    }
+    for n in [&KEEP_ALIVE, &header::TE, &header::TRAILER, &header::TRANSFER_ENCODING, &header::UPGRADE] {
+        if h.contains_key(n) {
+            h.remove(n);
+        }
+    }
+    if h.keys().any(|k| k.as_str().starts_with("proxy-")) {
+        let proxy: Vec<HeaderName> = h
+            .keys()
+            .filter(|k| k.as_str().starts_with("proxy-"))
+            .cloned()
+            .collect();
+        for n in proxy {
+            h.remove(n);
+        }
+    }
+}
+
+/// Whether `ip` is one of the trusted proxies.
+pub fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    trusted.iter().any(|n| n.contains(&ip))
+}
+
+fn forwarded_node(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    }
+}
+
+fn forwarded_value(s: &str) -> String {
+    if !s.is_empty()
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    {
+        s.to_owned()
+    } else {
+        format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+    }
+}
+
+/// Sets X-Forwarded-For/-Proto/-Host, Forwarded and Via on a request going upstream.
+/// From a trusted peer, its X-Forwarded-* and Forwarded values are kept and extended; from any
+/// other peer they are replaced, so a client cannot forge its own address.
+pub fn set_forwarding(h: &mut HeaderMap, peer: IpAddr, trusted: bool, host: &str, proto: &'static str, via: HeaderValue) {
+    let peer = match peer {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, IpAddr::V4),
+        v4 => v4,
+    };
+    let peer_s = peer.to_string();
+    let xff = match (trusted, joined(h, &X_FORWARDED_FOR)) {
+        (true, Some(prior)) => format!("{prior}, {peer_s}"),
+        _ => peer_s,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert(&X_FORWARDED_FOR, v);
+    }
+    if !(trusted && h.contains_key(&X_FORWARDED_PROTO)) {
+        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    }
+    if !(trusted && h.contains_key(&X_FORWARDED_HOST))
+        && let Ok(v) = HeaderValue::from_str(host)
+    {
+        h.insert(&X_FORWARDED_HOST, v);
+    }
+    let element = format!("for={};host={};proto={proto}", forwarded_node(peer), forwarded_value(host));
+    let fwd = match (trusted, joined(h, &header::FORWARDED)) {
+        (true, Some(prior)) => format!("{prior}, {element}"),
+        _ => element,
+    };
+    if let Ok(v) = HeaderValue::from_str(&fwd) {
+        h.insert(header::FORWARDED, v);
+    }
+    h.append(header::VIA, via);
+}
+
+fn joined(h: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let mut values = h.get_all(name).iter().filter_map(|v| v.to_str().ok());
+    let first = values.next()?;
+    let mut out = first.to_owned();
+    for v in values {
+        out.push_str(", ");
+        out.push_str(v);
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_named() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, X-Secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn forged_forwarding_from_untrusted_peer_is_replaced() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        h.insert("forwarded", HeaderValue::from_static("for=6.6.6.6"));
+        set_forwarding(&mut h, "192.0.2.1".parse().unwrap(), false, "api.example.com", "http", VIA_H1);
+        assert_eq!(h["x-forwarded-for"], "192.0.2.1");
+        assert_eq!(h["forwarded"], "for=192.0.2.1;host=api.example.com;proto=http");
+        assert_eq!(h["via"], "1.1 palisade");
+    }
+
+    #[test]
+    fn trusted_peer_is_extended() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        set_forwarding(&mut h, "::1".parse().unwrap(), true, "h", "http", VIA_H1);
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9, ::1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["forwarded"], "for=\"[::1]\";host=h;proto=http");
+    }
+
+    #[test]
+    fn trust_matches_networks() {
+        let nets: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        assert!(is_trusted("10.1.2.3".parse().unwrap(), &nets));
+        assert!(is_trusted("::ffff:10.1.2.3".parse().unwrap(), &nets));
+        assert!(!is_trusted("11.0.0.1".parse().unwrap(), &nets));
+    }
+}

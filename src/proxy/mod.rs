@@ -1,0 +1,266 @@
+//! The request pipeline: one function that reads as the story of a request.
+//!
+//! check the request → route → (client identity, rate limit, cache: later issues) → pick a
+//! replica → forward → respond. Each step calls into its own module; each early return is an
+//! answer Palisade makes itself ([`ProxyError`]).
+
+mod error;
+pub mod headers;
+
+pub use error::ProxyError;
+
+use crate::body::{AccessRecord, RequestBody, ResponseBody};
+use crate::metrics::method_label;
+use crate::router::{RouteMatch, normalize_host};
+use crate::server::ConnInfo;
+use crate::state::{Shared, Snapshot};
+use http::{HeaderValue, Request, Response, Version, header};
+use hyper::body::Incoming;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Route label for requests that matched no route.
+const NO_ROUTE: &str = "-";
+
+/// Handles one client request from head to response head; the body streams afterwards.
+pub async fn handle(shared: &Shared, conn: &ConnInfo, req: Request<Incoming>) -> Response<ResponseBody> {
+    let started = Instant::now();
+    let snap = shared.snapshot.load_full();
+    let request_id = match req.headers().get(&headers::X_REQUEST_ID) {
+        Some(v) if valid_request_id(v) => v.clone(),
+        _ => shared.next_request_id(),
+    };
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let via = if req.version() == Version::HTTP_2 { headers::VIA_H2 } else { headers::VIA_H1 };
+
+    let (mut resp, route, replica) = match forward(&snap, conn, req, &request_id).await {
+        Ok(answer) => answer,
+        Err((e, route)) => {
+            if e.status().is_server_error() {
+                tracing::warn!(request_id = request_id.to_str().unwrap_or("-"), error = %e, "request failed");
+            }
+            (e.into_response(&request_id), route, None)
+        }
+    };
+
+    let h = resp.headers_mut();
+    h.insert(&headers::X_REQUEST_ID, request_id.clone());
+    h.append(header::VIA, via);
+    let status = resp.status();
+    let route_name: Arc<str> = match route {
+        Some(i) => {
+            snap.routes[i].duration.observe(started.elapsed().as_secs_f64());
+            snap.routes[i].name.clone()
+        }
+        None => Arc::from(NO_ROUTE),
+    };
+    shared
+        .metrics
+        .requests
+        .with_label_values(&[&route_name, method_label(&method), status.as_str()])
+        .inc();
+    let body = resp.body_mut();
+    body.track(conn.activity.clone());
+    if snap.config.log.access_log {
+        body.log_on_end(Box::new(AccessRecord {
+            started,
+            client: conn.peer,
+            method,
+            uri,
+            route: route_name,
+            replica: replica.unwrap_or_else(|| Arc::from(NO_ROUTE)),
+            status: status.as_u16(),
+            request_id,
+        }));
+    }
+    resp
+}
+
+type Answer = (Response<ResponseBody>, Option<usize>, Option<Arc<str>>);
+
+async fn forward(snap: &Snapshot, conn: &ConnInfo, req: Request<Incoming>, request_id: &HeaderValue) -> Result<Answer, (ProxyError, Option<usize>)> {
+    let server = &snap.config.server;
+
+    // 1. The request as parsed: framing, size and path checks.
+    check_request(&req, server.max_header_bytes, server.max_request_body).map_err(|e| (e, None))?;
+
+    // 2. Route.
+    let host = request_host(&req);
+    let host = normalize_host(&host);
+    let route = match snap.router.find(&host, req.uri().path(), req.method()) {
+        RouteMatch::Found(i) => i,
+        RouteMatch::MethodNotAllowed(allowed) => {
+            let allowed = allowed.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", ");
+            return Err((ProxyError::MethodNotAllowed { method: req.method().clone(), allowed }, None));
+        }
+        RouteMatch::NotFound => {
+            return Err((
+                ProxyError::NoRoute {
+                    method: req.method().clone(),
+                    host: host.into_owned(),
+                    path: req.uri().path().to_owned(),
+                },
+                None,
+            ));
+        }
+    };
+    let upstream = &snap.upstreams[snap.routes[route].upstream];
+
+    // 3. Pick a replica.
+    let Some(in_flight) = upstream.pick() else {
+        return Err((ProxyError::NoReplica { upstream: upstream.spec.name.clone() }, Some(route)));
+    };
+    let replica = in_flight.replica().clone();
+
+    // 4. Forward, streaming the body.
+    let trusted = headers::is_trusted(conn.peer.ip(), &server.trusted_proxies);
+    let via = if req.version() == Version::HTTP_2 { headers::VIA_H2 } else { headers::VIA_H1 };
+    let host_value = request_host(&req).into_owned();
+    let (mut parts, body) = req.into_parts();
+    headers::remove_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(header::EXPECT);
+    if !parts.headers.contains_key(header::HOST)
+        && let Ok(v) = HeaderValue::from_str(&host_value)
+    {
+        parts.headers.insert(header::HOST, v);
+    }
+    headers::set_forwarding(&mut parts.headers, conn.peer.ip(), trusted, &host_value, "http", via);
+    parts.headers.insert(&headers::X_REQUEST_ID, request_id.clone());
+    parts.version = Version::HTTP_11;
+    let body = if body_is_empty(&parts.headers, &body) {
+        RequestBody::empty()
+    } else {
+        RequestBody::new(body, server.max_request_body)
+    };
+    let upstream_resp = upstream
+        .send(&replica, Request::from_parts(parts, body))
+        .await
+        .map_err(|e| (ProxyError::from(e), Some(route)))?;
+
+    // 5. Respond.
+    let (mut parts, body) = upstream_resp.into_parts();
+    headers::remove_hop_by_hop(&mut parts.headers);
+    let body = ResponseBody::upstream(body, upstream.spec.timeout, in_flight);
+    Ok((Response::from_parts(parts, body), Some(route), Some(replica.url.clone())))
+}
+
+fn body_is_empty(h: &http::HeaderMap, body: &Incoming) -> bool {
+    use http_body::Body;
+    body.is_end_stream() || (h.get(header::CONTENT_LENGTH).is_some_and(|v| v == "0") && !h.contains_key(header::TRANSFER_ENCODING))
+}
+
+/// The Host the client asked for: the Host header, else the URI's authority (HTTP/2).
+fn request_host<B>(req: &Request<B>) -> std::borrow::Cow<'_, str> {
+    if let Some(h) = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()) {
+        return std::borrow::Cow::Borrowed(h);
+    }
+    match req.uri().authority() {
+        Some(a) => std::borrow::Cow::Borrowed(a.as_str()),
+        None => std::borrow::Cow::Borrowed(""),
+    }
+}
+
+fn valid_request_id(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
+}
+
+/// Refuses requests whose framing is ambiguous, whose head or declared body is too large, or
+/// whose path could mean something else to the upstream than to the router.
+fn check_request<B>(req: &Request<B>, max_header_bytes: usize, max_body: u64) -> Result<(), ProxyError> {
+    let h = req.headers();
+    if req.version() <= Version::HTTP_11 {
+        if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
+            return Err(ProxyError::BadRequest(
+                "both Content-Length and Transfer-Encoding are present; send one".into(),
+            ));
+        }
+        if h.get_all(header::HOST).iter().count() > 1 {
+            return Err(ProxyError::BadRequest("more than one Host header".into()));
+        }
+        if req.version() == Version::HTTP_11 && !h.contains_key(header::HOST) {
+            return Err(ProxyError::BadRequest("HTTP/1.1 request without a Host header".into()));
+        }
+    }
+    let head: usize = req.uri().path_and_query().map_or(1, |p| p.as_str().len())
+        + h.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum::<usize>();
+    if head > max_header_bytes {
+        return Err(ProxyError::HeadersTooLarge { limit: max_header_bytes });
+    }
+    if let Some(len) = h.get(header::CONTENT_LENGTH) {
+        let len: u64 = len
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| ProxyError::BadRequest("invalid Content-Length".into()))?;
+        if len > max_body {
+            return Err(ProxyError::BodyTooLarge { limit: max_body });
+        }
+    }
+    check_path(req.uri())
+}
+
+fn check_path(uri: &http::Uri) -> Result<(), ProxyError> {
+    let path = uri.path();
+    if !path.starts_with('/') && path != "*" {
+        return Err(ProxyError::BadRequest("the request path must start with /".into()));
+    }
+    let bytes = path.as_bytes();
+    if bytes.contains(&b'\\') {
+        return Err(ProxyError::BadRequest("backslash in the request path".into()));
+    }
+    // Decode only what could change the path's meaning upstream: dots, slashes and NUL.
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let v = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|s| u8::from_str_radix(s, 16).ok());
+            match v {
+                Some(0) => return Err(ProxyError::BadRequest("encoded NUL in the request path".into())),
+                Some(b'.') | Some(b'/') | Some(b'\\') => {
+                    decoded.push(v.unwrap_or(b'.'));
+                    i += 3;
+                    continue;
+                }
+                Some(_) => {}
+                None => return Err(ProxyError::BadRequest("malformed percent-encoding in the request path".into())),
+            }
+        }
+        decoded.push(bytes[i]);
+        i += 1;
+    }
+    for seg in decoded.split(|&b| b == b'/' || b == b'\\') {
+        if seg == b"." || seg == b".." {
+            return Err(ProxyError::BadRequest("dot segments (. or ..) in the request path".into()));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path(p: &str) -> Result<(), ProxyError> {
+        check_path(&p.parse().unwrap())
+    }
+
+    #[test]
+    fn path_tricks_are_refused() {
+        assert!(path("/products/1").is_ok());
+        assert!(path("/a%20b").is_ok());
+        assert!(path("/products/../admin").is_err());
+        assert!(path("/products/%2e%2e/admin").is_err());
+        assert!(path("/products/%2E./admin").is_err());
+        assert!(path("/products/.%2fadmin").is_err());
+        assert!(path("/products/..x").is_ok());
+        assert!(path("/products%2f..%2fadmin").is_err());
+        assert!(path("/x%00").is_err());
+        assert!(path("/x%zz").is_err());
+        assert!(path("/x/.").is_err());
+    }
+}

@@ -1,0 +1,357 @@
+//! Public listeners: bind, accept, serve each connection (HTTP/1.1 and h2c on one port), bound
+//! the number of open connections, cut off idle and slow clients, and drain on shutdown.
+//!
+//! Past `max_connections`, Palisade stops accepting (as HAProxy's `maxconn` does): new
+//! connections wait in the kernel's listen backlog until a slot frees, and are neither accepted
+//! nor reset. Timeouts are watched per connection by one timer that sleeps until the next
+//! deadline: `header_read_timeout` from the first byte of a request head while no request is
+//! in progress, and `idle_timeout` while no bytes move and no handler is waiting on an upstream
+//! (which covers both keep-alive idling and clients that stop reading a response).
+
+use crate::proxy;
+use crate::state::Shared;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+
+const NONE: u64 = u64::MAX;
+
+/// What the request path knows about the connection a request came on.
+pub struct ConnInfo {
+    /// The client's socket address.
+    pub peer: SocketAddr,
+    /// Activity counters for this connection's timeouts.
+    pub activity: Arc<ConnActivity>,
+}
+
+/// Per-connection activity, read by the connection's timeout watcher.
+pub struct ConnActivity {
+    epoch: Instant,
+    last_io: AtomicU64,
+    head_since: AtomicU64,
+    handlers: AtomicUsize,
+    bodies: AtomicUsize,
+    h2: AtomicBool,
+    first_read: AtomicBool,
+}
+
+impl ConnActivity {
+    fn new() -> Self {
+        ConnActivity {
+            epoch: Instant::now(),
+            last_io: AtomicU64::new(0),
+            head_since: AtomicU64::new(NONE),
+            handlers: AtomicUsize::new(0),
+            bodies: AtomicUsize::new(0),
+            h2: AtomicBool::new(false),
+            first_read: AtomicBool::new(true),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn on_read(&self, data: &[u8]) {
+        let now = self.now();
+        self.last_io.store(now, Ordering::Relaxed);
+        if self.first_read.swap(false, Ordering::Relaxed) && data.starts_with(b"PRI * HTTP/2.0") {
+            self.h2.store(true, Ordering::Relaxed);
+        }
+        if self.handlers.load(Ordering::Relaxed) == 0
+            && self.bodies.load(Ordering::Relaxed) == 0
+            && self.head_since.load(Ordering::Relaxed) == NONE
+        {
+            self.head_since.store(now, Ordering::Relaxed);
+        }
+    }
+
+    fn on_write(&self) {
+        self.last_io.store(self.now(), Ordering::Relaxed);
+    }
+
+    fn handler_started(&self) {
+        self.handlers.fetch_add(1, Ordering::Relaxed);
+        self.head_since.store(NONE, Ordering::Relaxed);
+    }
+
+    fn handler_ended(&self) {
+        self.handlers.fetch_sub(1, Ordering::Relaxed);
+        self.on_write();
+    }
+
+    /// A response body started streaming on this connection.
+    pub fn body_started(&self) {
+        self.bodies.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A response body ended (or was dropped).
+    pub fn body_ended(&self) {
+        self.bodies.fetch_sub(1, Ordering::Relaxed);
+        self.last_io.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// `Err(reason)` if the connection must be closed now, else how long until the next check.
+    fn check(&self, header_timeout: Duration, idle_timeout: Duration) -> Result<Duration, &'static str> {
+        let now = self.now();
+        let idle_ms = idle_timeout.as_millis() as u64;
+        if self.handlers.load(Ordering::Relaxed) > 0 {
+            return Ok(idle_timeout);
+        }
+        let last = self.last_io.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= idle_ms {
+            return Err(if self.bodies.load(Ordering::Relaxed) > 0 {
+                "client stopped reading"
+            } else {
+                "idle"
+            });
+        }
+        let mut next = last + idle_ms;
+        let head = self.head_since.load(Ordering::Relaxed);
+        if head != NONE && self.bodies.load(Ordering::Relaxed) == 0 && !self.h2.load(Ordering::Relaxed) {
+            let deadline = head + header_timeout.as_millis() as u64;
+            if now >= deadline {
+                return Err("request head not received within header_read_timeout");
+            }
+            next = next.min(deadline);
+        }
+        Ok(Duration::from_millis(next - now + 1))
+    }
+}
+
+/// A TCP stream that reports reads and writes to its [`ConnActivity`].
+struct ActivityIo {
+    inner: TcpStream,
+    activity: Arc<ConnActivity>,
+}
+
+impl AsyncRead for ActivityIo {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r
+            && buf.filled().len() > before
+        {
+            self.activity.on_read(&buf.filled()[before..]);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for ActivityIo {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r
+            && n > 0
+        {
+            self.activity.on_write();
+        }
+        r
+    }
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r
+            && n > 0
+        {
+            self.activity.on_write();
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+struct ListenerHandle {
+    stop: watch::Sender<bool>,
+}
+
+/// The public side: listeners, the connection limit and the shutdown signal.
+pub struct Server {
+    shared: Arc<Shared>,
+    slots: Arc<Semaphore>,
+    max_connections: usize,
+    shutdown: watch::Sender<bool>,
+    listeners: Mutex<HashMap<SocketAddr, ListenerHandle>>,
+}
+
+/// Binds a TCP listener with address reuse and a deep backlog.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
+}
+
+impl Server {
+    /// A server for the current snapshot's settings; nothing is bound yet.
+    pub fn new(shared: Arc<Shared>) -> Arc<Server> {
+        let max = shared.snapshot.load().config.server.max_connections;
+        Arc::new(Server {
+            shared,
+            slots: Arc::new(Semaphore::new(max)),
+            max_connections: max,
+            shutdown: watch::channel(false).0,
+            listeners: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Binds every address of the current config that is not bound yet, and stops accepting on
+    /// those no longer listed (their open connections go on). Returns the bound addresses.
+    pub fn sync_listeners(self: &Arc<Self>) -> io::Result<Vec<SocketAddr>> {
+        let wanted = self.shared.snapshot.load().config.server.listen.clone();
+        let mut listeners = self.listeners.lock().expect("listener map");
+        let mut bound = Vec::new();
+        for addr in &wanted {
+            if listeners.contains_key(addr) {
+                continue;
+            }
+            let listener = bind(*addr).map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+            let local = listener.local_addr()?;
+            tracing::info!(listener = "public", addr = %local, "listening");
+            bound.push(local);
+            let (stop, stop_rx) = watch::channel(false);
+            listeners.insert(*addr, ListenerHandle { stop });
+            tokio::spawn(self.clone().accept_loop(listener, stop_rx));
+        }
+        listeners.retain(|addr, h| {
+            let keep = wanted.contains(addr);
+            if !keep {
+                tracing::info!(listener = "public", addr = %addr, "no longer listening");
+                let _ = h.stop.send(true);
+            }
+            keep
+        });
+        Ok(bound)
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+        let mut shutdown = self.shutdown.subscribe();
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let permit = tokio::select! {
+                p = self.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                _ = stop.changed() => return,
+                _ = shutdown.changed() => return,
+            };
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                _ = stop.changed() => return,
+                _ = shutdown.changed() => return,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    backoff = Duration::from_millis(5);
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        this.serve_connection(stream, peer).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors or a transient error: wait, then accept again.
+                    tracing::warn!(error = %e, "accept failed; backing off");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    async fn serve_connection(&self, stream: TcpStream, peer: SocketAddr) {
+        let _ = stream.set_nodelay(true);
+        let settings = self.shared.snapshot.load().config.server.clone();
+        let activity = Arc::new(ConnActivity::new());
+        let io = TokioIo::new(ActivityIo { inner: stream, activity: activity.clone() });
+        let info = Arc::new(ConnInfo { peer, activity: activity.clone() });
+        let shared = self.shared.clone();
+        let service = service_fn(move |req| {
+            let shared = shared.clone();
+            let info = info.clone();
+            async move {
+                info.activity.handler_started();
+                let resp = proxy::handle(&shared, &info, req).await;
+                info.activity.handler_ended();
+                Ok::<_, std::convert::Infallible>(resp)
+            }
+        });
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(None)
+            .keep_alive(true)
+            .max_buf_size((settings.max_header_bytes * 2).max(64 << 10));
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(256)
+            .max_header_list_size((settings.max_header_bytes * 2) as u32)
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(20));
+        let gauge = self.shared.metrics.connections_active.with_label_values(&["public"]);
+        gauge.inc();
+        let conn = builder.serve_connection(io, service);
+        tokio::pin!(conn);
+        let mut shutdown = self.shutdown.subscribe();
+        let mut draining = *shutdown.borrow();
+        if draining {
+            conn.as_mut().graceful_shutdown();
+        }
+        loop {
+            let wait = match activity.check(settings.header_read_timeout, settings.idle_timeout) {
+                Ok(wait) => wait,
+                Err(reason) => {
+                    tracing::debug!(client = %peer, reason, "closing connection");
+                    break;
+                }
+            };
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(client = %peer, error = %e, "connection ended with an error");
+                    }
+                    break;
+                }
+                _ = shutdown.changed(), if !draining => {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        gauge.dec();
+    }
+
+    /// Stops accepting, asks every connection to finish its in-flight requests, and waits up to
+    /// `drain_timeout` for them. Returns whether every connection closed in time.
+    pub async fn drain(&self) -> bool {
+        let timeout = self.shared.snapshot.load().config.server.drain_timeout;
+        let _ = self.shutdown.send(true);
+        self.listeners.lock().expect("listener map").clear();
+        let all = u32::try_from(self.max_connections).unwrap_or(u32::MAX);
+        tokio::time::timeout(timeout, self.slots.acquire_many(all)).await.is_ok()
+    }
+}

@@ -1,0 +1,136 @@
+//! The running state: the config compiled into a [`Snapshot`] (router, routes, upstream pools)
+//! behind an `ArcSwap`, and what lives as long as the process (metrics, request ids).
+//!
+//! A request loads the snapshot once and keeps it to the end, so in-flight requests finish on
+//! the config they started with. A reload builds a new snapshot and carries over each upstream
+//! whose spec did not change, with its connection pool and balancer state.
+
+use crate::config::{Config, ConfigErrors};
+use crate::metrics::Metrics;
+use crate::router::Router;
+use crate::upstream::Upstream;
+use arc_swap::ArcSwap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// A route as the request path needs it.
+pub struct Route {
+    /// Its name, shared into logs.
+    pub name: Arc<str>,
+    /// Index into [`Snapshot::upstreams`].
+    pub upstream: usize,
+    /// Requests-total counters for the common methods and codes are looked up per request;
+    /// the duration histogram is fixed per route.
+    pub duration: prometheus::Histogram,
+}
+
+/// One config, compiled.
+pub struct Snapshot {
+    /// The validated config.
+    pub config: Arc<Config>,
+    /// Route lookup.
+    pub router: Router,
+    /// Routes, in config order (the router's indices).
+    pub routes: Vec<Route>,
+    /// Upstreams, in config order.
+    pub upstreams: Vec<Arc<Upstream>>,
+}
+
+impl Snapshot {
+    /// Compiles a config, reusing upstreams of `previous` whose spec is unchanged.
+    pub fn build(config: Config, previous: Option<&Snapshot>, metrics: &Metrics) -> Snapshot {
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|spec| {
+                previous
+                    .and_then(|p| p.upstreams.iter().find(|u| u.spec == *spec))
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Upstream::new(spec, metrics)))
+            })
+            .collect();
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| Route {
+                name: r.name.as_str().into(),
+                upstream: r.upstream,
+                duration: metrics.request_duration.with_label_values(&[&r.name]),
+            })
+            .collect();
+        Snapshot {
+            router: Router::new(&config.routes),
+            routes,
+            upstreams,
+            config: Arc::new(config),
+        }
+    }
+}
+
+/// What every connection and request shares.
+pub struct Shared {
+    /// The current snapshot.
+    pub snapshot: ArcSwap<Snapshot>,
+    /// All metrics.
+    pub metrics: Metrics,
+    /// Set once the public listeners are bound.
+    pub ready: AtomicBool,
+    request_prefix: u64,
+    request_counter: AtomicU64,
+}
+
+impl Shared {
+    /// Builds the state for a validated config.
+    pub fn new(config: Config) -> Arc<Shared> {
+        let metrics = Metrics::new();
+        let snapshot = Snapshot::build(config, None, &metrics);
+        Arc::new(Shared {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            metrics,
+            ready: AtomicBool::new(false),
+            request_prefix: fastrand::u64(..),
+            request_counter: AtomicU64::new(0),
+        })
+    }
+
+    /// Installs a validated config; in-flight requests keep the one they loaded.
+    pub fn install(&self, config: Config) {
+        let previous = self.snapshot.load();
+        let next = Snapshot::build(config, Some(&previous), &self.metrics);
+        self.snapshot.store(Arc::new(next));
+    }
+
+    /// Re-reads the config file of the running snapshot and installs it if it is valid.
+    /// An invalid file leaves the running config in place.
+    pub fn reload(&self) -> Result<Arc<Config>, ConfigErrors> {
+        let path = self.snapshot.load().config.file.clone();
+        match crate::config::load(&path) {
+            Ok(config) => {
+                self.install(config);
+                self.metrics.config_reloads.with_label_values(&["ok"]).inc();
+                Ok(self.snapshot.load().config.clone())
+            }
+            Err(e) => {
+                self.metrics.config_reloads.with_label_values(&["error"]).inc();
+                Err(e)
+            }
+        }
+    }
+
+    /// A new request id: a random per-process prefix and a counter, 32 hex digits.
+    pub fn next_request_id(&self) -> http::HeaderValue {
+        let n = self.request_counter.fetch_add(1, Ordering::Relaxed);
+        let mut buf = [0u8; 32];
+        hex(self.request_prefix, &mut buf[..16]);
+        hex(n, &mut buf[16..]);
+        http::HeaderValue::from_bytes(&buf).expect("hex digits are a valid header value")
+    }
+}
+
+fn hex(mut v: u64, out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in out.iter_mut().rev() {
+        *b = DIGITS[(v & 0xf) as usize];
+        v >>= 4;
+    }
+}
