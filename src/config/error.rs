@@ -60,7 +60,12 @@ impl Locator<'_> {
     }
 
     /// An error at a byte offset.
-    pub fn error(&self, offset: usize, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    pub fn error(
+        &self,
+        offset: usize,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ConfigError {
         let (line, column) = self.line_col(offset);
         ConfigError {
             file: self.file.to_owned(),
@@ -80,7 +85,12 @@ impl Locator<'_> {
     }
 }
 
-fn consider(span: Option<std::ops::Range<usize>>, offset: usize, path: &str, best: &mut Option<(usize, String)>) {
+fn consider(
+    span: Option<std::ops::Range<usize>>,
+    offset: usize,
+    path: &str,
+    best: &mut Option<(usize, String)>,
+) {
     if let Some(r) = span
         && r.start <= offset
         && offset < r.end.max(r.start + 1)
@@ -100,7 +110,12 @@ fn join(prefix: &str, key: &str) -> String {
     }
 }
 
-fn walk_table(t: &toml_edit::Table, prefix: String, offset: usize, best: &mut Option<(usize, String)>) {
+fn walk_table(
+    t: &toml_edit::Table,
+    prefix: String,
+    offset: usize,
+    best: &mut Option<(usize, String)>,
+) {
     for (k, item) in t.iter() {
         let path = join(&prefix, k);
         if let Some((key, _)) = t.get_key_value(k) {
@@ -110,7 +125,12 @@ fn walk_table(t: &toml_edit::Table, prefix: String, offset: usize, best: &mut Op
     }
 }
 
-fn walk_item(item: &toml_edit::Item, path: String, offset: usize, best: &mut Option<(usize, String)>) {
+fn walk_item(
+    item: &toml_edit::Item,
+    path: String,
+    offset: usize,
+    best: &mut Option<(usize, String)>,
+) {
     match item {
         toml_edit::Item::Value(v) => walk_value(v, path, offset, best),
         toml_edit::Item::Table(t) => walk_table(t, path, offset, best),
@@ -123,7 +143,12 @@ fn walk_item(item: &toml_edit::Item, path: String, offset: usize, best: &mut Opt
     }
 }
 
-fn walk_value(v: &toml_edit::Value, path: String, offset: usize, best: &mut Option<(usize, String)>) {
+fn walk_value(
+    v: &toml_edit::Value,
+    path: String,
+    offset: usize,
+    best: &mut Option<(usize, String)>,
+) {
     consider(v.span(), offset, &path, best);
     match v {
         toml_edit::Value::Array(a) => {

@@ -4,7 +4,10 @@
 //! call it. Validation collects every error it can find, each naming file, line, column and key.
 
 mod error;
-#[allow(dead_code, reason = "keys of later features are parsed now, so that typos in them are caught; their features read them")]
+#[allow(
+    dead_code,
+    reason = "keys of later features are parsed now, so that typos in them are caught; their features read them"
+)]
 mod schema;
 mod validate;
 pub mod values;
@@ -174,4 +177,119 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 /// Validates config text; `path` names it in errors and is kept for reloads.
 pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
     validate::validate(text, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(text: &str) -> Vec<String> {
+        parse(text, Path::new("t.toml"))
+            .expect_err("config should be rejected")
+            .0
+            .iter()
+            .map(|e| e.to_string())
+            .collect()
+    }
+
+    const MINIMAL: &str = "[upstreams.u]\nreplicas = [\"http://127.0.0.1:9\"]\n[[routes]]\nname = \"r\"\nupstream = \"u\"\n";
+
+    #[test]
+    fn shipped_configs_are_valid() {
+        let full = include_str!("../../config/palisade.toml");
+        parse(full, Path::new("config/palisade.toml")).expect("palisade.toml is valid");
+        parse(DEMO_CONFIG, Path::new("config/demo.toml")).expect("demo.toml is valid");
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(MINIMAL, Path::new("t.toml")).unwrap();
+        assert_eq!(c.server.listen, vec!["0.0.0.0:8080".parse().unwrap()]);
+        assert_eq!(c.admin.listen, "127.0.0.1:9901".parse().unwrap());
+        assert_eq!(c.routes[0].path_prefix, "/");
+        assert_eq!(c.upstreams[0].timeout, Duration::from_secs(15));
+    }
+
+    #[test]
+    fn errors_name_file_line_column_and_key() {
+        let e = errors(&format!("{MINIMAL}[server]\nmax_connections = -5\n"));
+        assert_eq!(
+            e,
+            vec![
+                "t.toml:7:19: server.max_connections: must be a whole number from 1 to 1000000, not -5"
+            ]
+        );
+        let e = errors(&format!("{MINIMAL}[log]\nformat = \"xml\"\n"));
+        assert_eq!(
+            e,
+            vec![
+                "t.toml:7:10: log.format: unknown format \"xml\": allowed are \"json\" and \"pretty\""
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_list_what_is_allowed() {
+        let e = errors(&format!(
+            "{MINIMAL}[admin]\nlisten = \"127.0.0.1:1\"\ntokn = \"x\"\n"
+        ));
+        assert_eq!(e.len(), 1);
+        assert!(
+            e[0].starts_with("t.toml:8:1: admin.tokn: unknown field `tokn`"),
+            "{}",
+            e[0]
+        );
+        assert!(e[0].contains("expected `listen` or `token`"), "{}", e[0]);
+    }
+
+    #[test]
+    fn later_features_are_refused_not_ignored() {
+        let e = errors(&format!("{MINIMAL}[cache]\nmemory = \"1MiB\"\n"));
+        assert!(e[0].contains("cache: is not supported yet"), "{e:?}");
+        let e = errors(&MINIMAL.replace(
+            "upstream = \"u\"",
+            "upstream = \"u\"\nrate_limit = { per = \"client_ip\", limit = \"1/s\" }",
+        ));
+        assert!(
+            e[0].contains("routes[0].rate_limit: is not supported yet"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn environment_variables() {
+        // SAFETY: test-only variables that no other test reads.
+        unsafe { std::env::set_var("PALISADE_TEST_REPLICA", "http://127.0.0.1:7") };
+        let c = parse(
+            &MINIMAL.replace("http://127.0.0.1:9", "${PALISADE_TEST_REPLICA}"),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.upstreams[0].replicas, vec!["http://127.0.0.1:7"]);
+        let e = errors(&MINIMAL.replace("http://127.0.0.1:9", "${PALISADE_TEST_UNSET_X}"));
+        assert!(e[0].starts_with("t.toml:2:12: upstreams.u.replicas: environment variable PALISADE_TEST_UNSET_X is not set"), "{e:?}");
+    }
+
+    #[test]
+    fn non_loopback_admin_needs_a_token() {
+        let e = errors(&format!("{MINIMAL}[admin]\nlisten = \"0.0.0.0:9901\"\n"));
+        assert!(e[0].contains("admin.token is required"), "{e:?}");
+        parse(
+            &format!("{MINIMAL}[admin]\nlisten = \"0.0.0.0:9901\"\ntoken = \"s3cret\"\n"),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn overlapping_routes_are_an_error() {
+        let text = format!(
+            "{MINIMAL}[[routes]]\nname = \"r2\"\nupstream = \"u\"\nmatch = {{ path_prefix = \"/\", methods = [\"GET\"] }}\n"
+        );
+        let e = errors(&text);
+        assert!(
+            e[0].contains("routes[1].match: routes[0] (\"r\") already matches path prefix \"/\""),
+            "{e:?}"
+        );
+    }
 }

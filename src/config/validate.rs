@@ -20,7 +20,12 @@ impl Checker<'_> {
         self.errors.push(e);
     }
 
-    fn positive_duration(&mut self, v: &Option<Spanned<values::Duration>>, key: &str, default: Duration) -> Duration {
+    fn positive_duration(
+        &mut self,
+        v: &Option<Spanned<values::Duration>>,
+        key: &str,
+        default: Duration,
+    ) -> Duration {
         match v {
             Some(d) if d.get_ref().0.is_zero() => {
                 self.err(d, key, "must be greater than 0s, like \"10s\"");
@@ -34,7 +39,14 @@ impl Checker<'_> {
     fn count(&mut self, v: &Option<Spanned<i64>>, key: &str, default: usize, max: usize) -> usize {
         match v {
             Some(n) if *n.get_ref() < 1 || *n.get_ref() as u64 > max as u64 => {
-                self.err(n, key, format!("must be a whole number from 1 to {max}, not {}", n.get_ref()));
+                self.err(
+                    n,
+                    key,
+                    format!(
+                        "must be a whole number from 1 to {max}, not {}",
+                        n.get_ref()
+                    ),
+                );
                 default
             }
             Some(n) => *n.get_ref() as usize,
@@ -44,7 +56,11 @@ impl Checker<'_> {
 
     fn not_yet<T>(&mut self, v: &Option<Spanned<T>>, key: &str, issue: &str) {
         if let Some(v) = v {
-            self.err(v, key, format!("{NOT_YET}: it comes with the {issue} work; remove it for now"));
+            self.err(
+                v,
+                key,
+                format!("{NOT_YET}: it comes with the {issue} work; remove it for now"),
+            );
         }
     }
 }
@@ -61,7 +77,10 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> 
             return Err(ConfigErrors(vec![loc.error(offset, key, message)]));
         }
     };
-    let mut c = Checker { loc, errors: Vec::new() };
+    let mut c = Checker {
+        loc,
+        errors: Vec::new(),
+    };
 
     let server = server(&mut c, &raw.server);
     let admin = admin(&mut c, &raw.admin);
@@ -107,9 +126,11 @@ fn socket_addr(c: &mut Checker, v: &Spanned<Text>, key: &str) -> Option<SocketAd
 fn server(c: &mut Checker, s: &RawServer) -> ServerSettings {
     let mut listen = Vec::new();
     match &s.listen {
-        Some(list) if list.get_ref().is_empty() => {
-            c.err(list, "server.listen", "must name at least one address, like [\"0.0.0.0:8080\"]")
-        }
+        Some(list) if list.get_ref().is_empty() => c.err(
+            list,
+            "server.listen",
+            "must name at least one address, like [\"0.0.0.0:8080\"]",
+        ),
         Some(list) => {
             for (i, a) in list.get_ref().iter().enumerate() {
                 let key = format!("server.listen[{i}]");
@@ -136,12 +157,28 @@ fn server(c: &mut Checker, s: &RawServer) -> ServerSettings {
             ),
         }
     }
-    let header_read_timeout = c.positive_duration(&s.header_read_timeout, "server.header_read_timeout", Duration::from_secs(10));
-    let idle_timeout = c.positive_duration(&s.idle_timeout, "server.idle_timeout", Duration::from_secs(60));
-    let drain_timeout = c.positive_duration(&s.drain_timeout, "server.drain_timeout", Duration::from_secs(30));
+    let header_read_timeout = c.positive_duration(
+        &s.header_read_timeout,
+        "server.header_read_timeout",
+        Duration::from_secs(10),
+    );
+    let idle_timeout = c.positive_duration(
+        &s.idle_timeout,
+        "server.idle_timeout",
+        Duration::from_secs(60),
+    );
+    let drain_timeout = c.positive_duration(
+        &s.drain_timeout,
+        "server.drain_timeout",
+        Duration::from_secs(30),
+    );
     let max_header_bytes = match &s.max_header_bytes {
         Some(v) if !(8192..=1 << 20).contains(&v.get_ref().0) => {
-            c.err(v, "server.max_header_bytes", format!("must be from 8KiB to 1MiB, not {}", v.get_ref()));
+            c.err(
+                v,
+                "server.max_header_bytes",
+                format!("must be from 8KiB to 1MiB, not {}", v.get_ref()),
+            );
             32 << 10
         }
         Some(v) => v.get_ref().0 as usize,
@@ -149,13 +186,22 @@ fn server(c: &mut Checker, s: &RawServer) -> ServerSettings {
     };
     let max_request_body = match &s.max_request_body {
         Some(v) if v.get_ref().0 == 0 => {
-            c.err(v, "server.max_request_body", "must be greater than 0, like \"10MiB\"");
+            c.err(
+                v,
+                "server.max_request_body",
+                "must be greater than 0, like \"10MiB\"",
+            );
             10 << 20
         }
         Some(v) => v.get_ref().0,
         None => 10 << 20,
     };
-    let max_connections = c.count(&s.max_connections, "server.max_connections", 10_000, 1_000_000);
+    let max_connections = c.count(
+        &s.max_connections,
+        "server.max_connections",
+        10_000,
+        1_000_000,
+    );
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = c.count(&s.workers, "server.workers", cores, 1024);
     c.not_yet(&s.tls, "server.tls", "TLS");
@@ -207,7 +253,11 @@ fn log(c: &mut Checker, l: &RawLog) -> LogSettings {
             "json" => LogFormat::Json,
             "pretty" => LogFormat::Pretty,
             other => {
-                c.err(f, "log.format", format!("unknown format {other:?}: allowed are \"json\" and \"pretty\""));
+                c.err(
+                    f,
+                    "log.format",
+                    format!("unknown format {other:?}: allowed are \"json\" and \"pretty\""),
+                );
                 LogFormat::Json
             }
         },
@@ -215,7 +265,9 @@ fn log(c: &mut Checker, l: &RawLog) -> LogSettings {
     let level = match &l.level {
         None => "info".to_owned(),
         Some(v) => {
-            if tracing_subscriber::EnvFilter::try_new(v.get_ref().0.as_str()).is_err() || v.get_ref().trim().is_empty() {
+            if tracing_subscriber::EnvFilter::try_new(v.get_ref().0.as_str()).is_err()
+                || v.get_ref().trim().is_empty()
+            {
                 c.err(
                     v,
                     "log.level",
@@ -242,22 +294,35 @@ fn upstream_name_ok(name: &str) -> bool {
             .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-')
 }
 
-fn upstreams(c: &mut Checker, raw: &BTreeMap<Spanned<String>, Spanned<RawUpstream>>) -> Vec<UpstreamSpec> {
+fn upstreams(
+    c: &mut Checker,
+    raw: &BTreeMap<Spanned<String>, Spanned<RawUpstream>>,
+) -> Vec<UpstreamSpec> {
     let mut out = Vec::new();
     for (name, u) in raw {
         let key = format!("upstreams.{}", name.get_ref());
         if !upstream_name_ok(name.get_ref()) {
-            c.err(name, &key, "an upstream name may hold only letters, digits, _ and -");
+            c.err(
+                name,
+                &key,
+                "an upstream name may hold only letters, digits, _ and -",
+            );
         }
         let u = u.get_ref();
         let mut replicas = Vec::new();
         if u.replicas.get_ref().is_empty() {
-            c.err(&u.replicas, format!("{key}.replicas"), "must list at least one replica, like [\"http://10.0.0.11:8080\"]");
+            c.err(
+                &u.replicas,
+                format!("{key}.replicas"),
+                "must list at least one replica, like [\"http://10.0.0.11:8080\"]",
+            );
         }
         for (i, r) in u.replicas.get_ref().iter().enumerate() {
             let rkey = format!("{key}.replicas[{i}]");
             match replica_url(r.get_ref()) {
-                Ok(url) if replicas.contains(&url) => c.err(r, rkey, format!("{url} is listed twice")),
+                Ok(url) if replicas.contains(&url) => {
+                    c.err(r, rkey, format!("{url} is listed twice"))
+                }
                 Ok(url) => replicas.push(url),
                 Err(msg) => c.err(r, rkey, msg),
             }
@@ -277,11 +342,23 @@ fn upstreams(c: &mut Checker, raw: &BTreeMap<Spanned<String>, Spanned<RawUpstrea
                 }
             },
         };
-        let connect_timeout = c.positive_duration(&u.connect_timeout, &format!("{key}.connect_timeout"), Duration::from_secs(1));
-        let timeout = c.positive_duration(&u.timeout, &format!("{key}.timeout"), Duration::from_secs(15));
+        let connect_timeout = c.positive_duration(
+            &u.connect_timeout,
+            &format!("{key}.connect_timeout"),
+            Duration::from_secs(1),
+        );
+        let timeout = c.positive_duration(
+            &u.timeout,
+            &format!("{key}.timeout"),
+            Duration::from_secs(15),
+        );
         c.not_yet(&u.retry, &format!("{key}.retry"), "replica health");
         c.not_yet(&u.health, &format!("{key}.health"), "replica health");
-        c.not_yet(&u.circuit_breaker, &format!("{key}.circuit_breaker"), "replica health");
+        c.not_yet(
+            &u.circuit_breaker,
+            &format!("{key}.circuit_breaker"),
+            "replica health",
+        );
         out.push(UpstreamSpec {
             name: name.get_ref().clone(),
             replicas,
@@ -301,16 +378,26 @@ fn replica_url(raw: &str) -> Result<String, String> {
         .map_err(|e| format!("invalid replica URL {raw:?} ({e}): {allowed}"))?;
     match uri.scheme_str() {
         Some("http") => {}
-        Some("https") => return Err(format!("https replicas are {NOT_YET} (they come with the TLS work): {allowed}")),
+        Some("https") => {
+            return Err(format!(
+                "https replicas are {NOT_YET} (they come with the TLS work): {allowed}"
+            ));
+        }
         Some(s) => return Err(format!("unsupported scheme {s:?} in {raw:?}: {allowed}")),
         None => return Err(format!("{raw:?} has no scheme: {allowed}")),
     }
-    let authority = uri.authority().ok_or_else(|| format!("{raw:?} has no host: {allowed}"))?;
+    let authority = uri
+        .authority()
+        .ok_or_else(|| format!("{raw:?} has no host: {allowed}"))?;
     if authority.as_str().contains('@') {
-        return Err(format!("{raw:?} holds credentials, which are not allowed: {allowed}"));
+        return Err(format!(
+            "{raw:?} holds credentials, which are not allowed: {allowed}"
+        ));
     }
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-        return Err(format!("{raw:?} has a path or query; a replica is only scheme, host and port: {allowed}"));
+        return Err(format!(
+            "{raw:?} has a path or query; a replica is only scheme, host and port: {allowed}"
+        ));
     }
     let host = authority.host();
     if host.is_empty() {
@@ -330,7 +417,8 @@ fn host_pattern(raw: &str) -> Result<HostPattern, String> {
             && l.len() <= 63
             && l.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-')
     };
-    let allowed = "write a host name like \"api.example.com\" or \"*.example.com\" (no port, no scheme)";
+    let allowed =
+        "write a host name like \"api.example.com\" or \"*.example.com\" (no port, no scheme)";
     if let Some(suffix) = h.strip_prefix("*.") {
         if suffix.split('.').all(label_ok) {
             return Ok(HostPattern::Wildcard(format!(".{suffix}")));
@@ -341,14 +429,21 @@ fn host_pattern(raw: &str) -> Result<HostPattern, String> {
     Err(format!("invalid host {raw:?}: {allowed}"))
 }
 
-fn routes(c: &mut Checker, raw: &[Spanned<RawRoute>], upstreams: &[UpstreamSpec]) -> Vec<RouteSpec> {
+/// A route's index and its methods (`None`: all), per host and prefix.
+type RouteMethods = (usize, Option<Vec<Method>>);
+
+fn routes(
+    c: &mut Checker,
+    raw: &[Spanned<RawRoute>],
+    upstreams: &[UpstreamSpec],
+) -> Vec<RouteSpec> {
     let mut out = Vec::new();
     if raw.is_empty() {
         c.errors.push(c.loc.error(0, "routes", "no [[routes]]: add at least one, like [[routes]] name = \"default\" upstream = \"NAME\""));
     }
     let mut names: HashMap<String, usize> = HashMap::new();
     // (host, prefix) -> (route index, methods or None for all)
-    let mut seen: HashMap<(Option<HostPattern>, String), Vec<(usize, Option<Vec<Method>>)>> = HashMap::new();
+    let mut seen: HashMap<(Option<HostPattern>, String), Vec<RouteMethods>> = HashMap::new();
     for (i, r) in raw.iter().enumerate() {
         let key = format!("routes[{i}]");
         let r = r.get_ref();
@@ -356,18 +451,30 @@ fn routes(c: &mut Checker, raw: &[Spanned<RawRoute>], upstreams: &[UpstreamSpec]
         if name.is_empty() {
             c.err(&r.name, format!("{key}.name"), "must not be empty");
         } else if let Some(first) = names.get(&name) {
-            c.err(&r.name, format!("{key}.name"), format!("route name {name:?} is already used by routes[{first}]; names must be unique"));
+            c.err(
+                &r.name,
+                format!("{key}.name"),
+                format!(
+                    "route name {name:?} is already used by routes[{first}]; names must be unique"
+                ),
+            );
         } else {
             names.insert(name.clone(), i);
         }
-        let upstream = match upstreams.iter().position(|u| u.name == r.upstream.get_ref().as_ref()) {
+        let upstream = match upstreams
+            .iter()
+            .position(|u| u.name == r.upstream.get_ref().as_ref())
+        {
             Some(u) => u,
             None => {
                 let known: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
                 c.err(
                     &r.upstream,
                     format!("{key}.upstream"),
-                    format!("unknown upstream {:?}: defined upstreams are {known:?}", r.upstream.get_ref().0),
+                    format!(
+                        "unknown upstream {:?}: defined upstreams are {known:?}",
+                        r.upstream.get_ref().0
+                    ),
                 );
                 0
             }
@@ -386,11 +493,23 @@ fn routes(c: &mut Checker, raw: &[Spanned<RawRoute>], upstreams: &[UpstreamSpec]
         let path_prefix = match m.and_then(|m| m.path_prefix.as_ref()) {
             None => "/".to_owned(),
             Some(p) if !p.get_ref().starts_with('/') => {
-                c.err(p, format!("{key}.match.path_prefix"), format!("{:?} must start with /, like \"/products\"", p.get_ref().0));
+                c.err(
+                    p,
+                    format!("{key}.match.path_prefix"),
+                    format!("{:?} must start with /, like \"/products\"", p.get_ref().0),
+                );
                 "/".to_owned()
             }
-            Some(p) if p.get_ref().chars().any(|ch| ch.is_ascii_control() || ch == ' ' || ch == '?' || ch == '#') => {
-                c.err(p, format!("{key}.match.path_prefix"), "may not hold spaces, control characters, ? or #");
+            Some(p)
+                if p.get_ref()
+                    .chars()
+                    .any(|ch| ch.is_ascii_control() || ch == ' ' || ch == '?' || ch == '#') =>
+            {
+                c.err(
+                    p,
+                    format!("{key}.match.path_prefix"),
+                    "may not hold spaces, control characters, ? or #",
+                );
                 "/".to_owned()
             }
             Some(p) => p.get_ref().0.clone(),
@@ -398,7 +517,11 @@ fn routes(c: &mut Checker, raw: &[Spanned<RawRoute>], upstreams: &[UpstreamSpec]
         let methods = match m.and_then(|m| m.methods.as_ref()) {
             None => None,
             Some(list) if list.get_ref().is_empty() => {
-                c.err(list, format!("{key}.match.methods"), "must list at least one method, or be left out to match all");
+                c.err(
+                    list,
+                    format!("{key}.match.methods"),
+                    "must list at least one method, or be left out to match all",
+                );
                 None
             }
             Some(list) => {
@@ -406,9 +529,20 @@ fn routes(c: &mut Checker, raw: &[Spanned<RawRoute>], upstreams: &[UpstreamSpec]
                 for (j, v) in list.get_ref().iter().enumerate() {
                     let upper = v.get_ref().trim().to_ascii_uppercase();
                     match Method::from_bytes(upper.as_bytes()) {
-                        Ok(meth) if ms.contains(&meth) => c.err(v, format!("{key}.match.methods[{j}]"), format!("{upper} is listed twice")),
+                        Ok(meth) if ms.contains(&meth) => c.err(
+                            v,
+                            format!("{key}.match.methods[{j}]"),
+                            format!("{upper} is listed twice"),
+                        ),
                         Ok(meth) if !upper.is_empty() => ms.push(meth),
-                        _ => c.err(v, format!("{key}.match.methods[{j}]"), format!("invalid method {:?}: write a method such as \"GET\"", v.get_ref().0)),
+                        _ => c.err(
+                            v,
+                            format!("{key}.match.methods[{j}]"),
+                            format!(
+                                "invalid method {:?}: write a method such as \"GET\"",
+                                v.get_ref().0
+                            ),
+                        ),
                     }
                 }
                 Some(ms)
@@ -428,7 +562,10 @@ fn routes(c: &mut Checker, raw: &[Spanned<RawRoute>], upstreams: &[UpstreamSpec]
                     Some(h) => format!("host {h}, "),
                     None => String::new(),
                 };
-                let at = r.matcher.as_ref().map_or(r.name.span().start, |m| m.span().start);
+                let at = r
+                    .matcher
+                    .as_ref()
+                    .map_or(r.name.span().start, |m| m.span().start);
                 let e = c.loc.error(
                     at,
                     format!("{key}.match"),

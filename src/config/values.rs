@@ -27,11 +27,7 @@ pub fn expand_env(raw: &str) -> Result<String, String> {
                 .find('}')
                 .ok_or_else(|| format!("unclosed `${{` in {raw:?}: write ${{NAME}}"))?;
             let name = &after[..end];
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
-            {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 return Err(format!(
                     "invalid variable name {name:?}: use letters, digits and _"
                 ));
@@ -167,9 +163,7 @@ impl<'de> Deserialize<'de> for ByteSize {
                     .map_err(|_| E::custom(format!("invalid size {v}: must not be negative")))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
-                expand_env(v)
-                    .and_then(|s| s.parse())
-                    .map_err(E::custom)
+                expand_env(v).and_then(|s| s.parse()).map_err(E::custom)
             }
         }
         d.deserialize_any(V)
@@ -186,7 +180,7 @@ impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0;
         for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-            if n >= size && n % size == 0 {
+            if n >= size && n.is_multiple_of(size) {
                 return write!(f, "{}{unit}", n / size);
             }
         }
@@ -233,10 +227,15 @@ impl std::str::FromStr for Rate {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let bad = |why: &str| {
-            format!("invalid rate {s:?}: {why}; write N/s, N/min or N/h with N ≥ 1, like \"100/min\"")
+            format!(
+                "invalid rate {s:?}: {why}; write N/s, N/min or N/h with N ≥ 1, like \"100/min\""
+            )
         };
         let (n, unit) = s.split_once('/').ok_or_else(|| bad("no `/`"))?;
-        let count: i64 = n.trim().parse().map_err(|_| bad("the count is not a whole number"))?;
+        let count: i64 = n
+            .trim()
+            .parse()
+            .map_err(|_| bad("the count is not a whole number"))?;
         if count < 1 {
             return Err(bad("the count must be at least 1"));
         }
@@ -287,7 +286,12 @@ mod tests {
         assert_eq!((r.count, r.per.as_secs()), (100, 60));
         assert!("0/s".parse::<Rate>().unwrap_err().contains("at least 1"));
         assert!("-1/min".parse::<Rate>().is_err());
-        assert!("10/fortnight".parse::<Rate>().unwrap_err().contains("s, min or h"));
+        assert!(
+            "10/fortnight"
+                .parse::<Rate>()
+                .unwrap_err()
+                .contains("s, min or h")
+        );
     }
 
     #[test]
