@@ -43,8 +43,10 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
 fn json(status: StatusCode, body: serde_json::Value) -> Response<ResponseBody> {
     let mut r = Response::new(ResponseBody::full(body.to_string()));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -64,7 +66,10 @@ fn respond(shared: &Shared, req: Request<Incoming>) -> Response<ResponseBody> {
         return if shared.ready.load(Ordering::Acquire) {
             json(StatusCode::OK, serde_json::json!({"status": "ready"}))
         } else {
-            json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"status": "starting"}))
+            json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"status": "starting"}),
+            )
         };
     }
     let snap = shared.snapshot.load();
@@ -75,9 +80,14 @@ fn respond(shared: &Shared, req: Request<Incoming>) -> Response<ResponseBody> {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
-            let mut r = error(StatusCode::UNAUTHORIZED, "this admin endpoint needs Authorization: Bearer TOKEN");
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            let mut r = error(
+                StatusCode::UNAUTHORIZED,
+                "this admin endpoint needs Authorization: Bearer TOKEN",
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
             return r;
         }
     }
@@ -91,7 +101,10 @@ fn respond(shared: &Shared, req: Request<Incoming>) -> Response<ResponseBody> {
             r
         }
         (_, "/metrics") => error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
-        _ => error(StatusCode::NOT_FOUND, "unknown admin path; try /metrics, /healthz or /readyz"),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "unknown admin path; try /metrics, /healthz or /readyz",
+        ),
     }
 }
 

@@ -29,7 +29,12 @@ pub struct Cli {
 #[derive(Args, Debug, Clone)]
 struct ConfigArg {
     /// The config file.
-    #[arg(short, long, env = "PALISADE_CONFIG", default_value = "/etc/palisade/palisade.toml")]
+    #[arg(
+        short,
+        long,
+        env = "PALISADE_CONFIG",
+        default_value = "/etc/palisade/palisade.toml"
+    )]
     config: PathBuf,
 }
 
@@ -58,7 +63,11 @@ fn print_errors(e: &config::ConfigErrors) {
     for err in &e.0 {
         eprintln!("error: {err}");
     }
-    eprintln!("{} error{} found", e.0.len(), if e.0.len() == 1 { "" } else { "s" });
+    eprintln!(
+        "{} error{} found",
+        e.0.len(),
+        if e.0.len() == 1 { "" } else { "s" }
+    );
 }
 
 fn check(path: &Path) -> ExitCode {
@@ -81,13 +90,34 @@ pub fn summary(c: &Config) -> String {
     let mut s = String::new();
     let s_ = &c.server;
     let listen: Vec<String> = s_.listen.iter().map(|a| a.to_string()).collect();
-    let _ = writeln!(s, "listeners: {} (HTTP/1.1 and h2c), {} workers, max {} connections", listen.join(", "), s_.workers, s_.max_connections);
-    let _ = writeln!(s, "admin:     {}{}", c.admin.listen, if c.admin.token.is_some() { " (token required)" } else { "" });
+    let _ = writeln!(
+        s,
+        "listeners: {} (HTTP/1.1 and h2c), {} workers, max {} connections",
+        listen.join(", "),
+        s_.workers,
+        s_.max_connections
+    );
+    let _ = writeln!(
+        s,
+        "admin:     {}{}",
+        c.admin.listen,
+        if c.admin.token.is_some() {
+            " (token required)"
+        } else {
+            ""
+        }
+    );
     let _ = writeln!(s, "routes:");
     for r in &c.routes {
         let host = r.host.as_ref().map_or("*".to_owned(), |h| h.to_string());
-        let methods = r.methods.as_ref().map_or("any".to_owned(), |m| m.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(","));
-        let _ = writeln!(s, "  {:<16} {host}{} [{methods}] -> {}", r.name, r.path_prefix, c.upstreams[r.upstream].name);
+        let methods = r.methods.as_ref().map_or("any".to_owned(), |m| {
+            m.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(",")
+        });
+        let _ = writeln!(
+            s,
+            "  {:<16} {host}{} [{methods}] -> {}",
+            r.name, r.path_prefix, c.upstreams[r.upstream].name
+        );
     }
     let _ = writeln!(s, "upstreams:");
     for u in &c.upstreams {
@@ -109,10 +139,17 @@ fn init_logging(c: &Config) -> tracing_appender::non_blocking::WorkerGuard {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .buffered_lines_limit(64 * 1024)
         .finish(std::io::stdout());
-    let filter = tracing_subscriber::EnvFilter::try_new(&c.log.level).unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(&c.log.level).unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
     match c.log.format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
         LogFormat::Pretty => builder.init(),
     }
     guard
@@ -226,7 +263,9 @@ pub fn reload(shared: &Arc<Shared>, server: &Arc<Server>) {
             if now.log != before.log {
                 tracing::warn!("log settings take effect at restart");
             }
-            if now.server.workers != before.server.workers || now.server.max_connections != before.server.max_connections {
+            if now.server.workers != before.server.workers
+                || now.server.max_connections != before.server.max_connections
+            {
                 tracing::warn!("server.workers and server.max_connections take effect at restart");
             }
             if let Err(e) = server.sync_listeners() {

@@ -30,15 +30,27 @@ pub fn start(config: &Config) -> std::io::Result<()> {
     let listen = config.server.listen.first().copied();
     if let Some(a) = listen {
         let base = format!("http://{a}");
-        println!("Palisade demo: proxy on {base}, admin on http://{}", config.admin.listen);
+        println!(
+            "Palisade demo: proxy on {base}, admin on http://{}",
+            config.admin.listen
+        );
         println!("Try:");
-        println!("  curl -i {base}/products/42          # alternates demo-1 / demo-2 (round robin)");
+        println!(
+            "  curl -i {base}/products/42          # alternates demo-1 / demo-2 (round robin)"
+        );
         println!("  curl -i {base}/hello -H 'X-Request-Id: try-1'   # your request id comes back");
         println!("  curl -i {base}/status/503           # the replica's own status passes through");
         println!("  curl -i {base}/slow?ms=6000         # past the 5s upstream timeout: 504 JSON");
-        println!("  curl -i -X POST {base}/products/1   # products is GET/HEAD only, so this takes route default");
-        println!("  curl -i {base}/products/%2e%2e/admin # encoded path tricks are refused: 400 JSON");
-        println!("  curl -s http://{}/metrics | grep palisade_requests_total", config.admin.listen);
+        println!(
+            "  curl -i -X POST {base}/products/1   # products is GET/HEAD only, so this takes route default"
+        );
+        println!(
+            "  curl -i {base}/products/%2e%2e/admin # encoded path tricks are refused: 400 JSON"
+        );
+        println!(
+            "  curl -s http://{}/metrics | grep palisade_requests_total",
+            config.admin.listen
+        );
         println!("Stop with Ctrl-C.");
     }
     Ok(())
@@ -67,7 +79,11 @@ async fn answer(name: &str, req: Request<Incoming>) -> Response<ResponseBody> {
     let path = req.uri().path().to_owned();
     let mut status = StatusCode::OK;
     if let Some(code) = path.strip_prefix("/status/") {
-        status = code.parse().ok().and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::BAD_REQUEST);
+        status = code
+            .parse()
+            .ok()
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .unwrap_or(StatusCode::BAD_REQUEST);
     }
     if path == "/slow" {
         let ms = req
@@ -88,7 +104,9 @@ async fn answer(name: &str, req: Request<Incoming>) -> Response<ResponseBody> {
     });
     let mut r = Response::new(ResponseBody::full(format!("{body}\n")));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
     r
 }

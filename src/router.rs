@@ -128,7 +128,8 @@ impl Router {
 /// Lower-cases a Host value and strips its port and trailing dot, for [`Router::find`].
 pub fn normalize_host(raw: &str) -> std::borrow::Cow<'_, str> {
     let without_port = if raw.starts_with('[') {
-        raw.split_once(']').map_or(raw, |(h, _)| &raw[..h.len() + 1])
+        raw.split_once(']')
+            .map_or(raw, |(h, _)| &raw[..h.len() + 1])
     } else {
         raw.rsplit_once(':').map_or(raw, |(h, _)| h)
     };
@@ -144,7 +145,12 @@ pub fn normalize_host(raw: &str) -> std::borrow::Cow<'_, str> {
 mod tests {
     use super::*;
 
-    fn route(name: &str, host: Option<HostPattern>, prefix: &str, methods: Option<Vec<Method>>) -> RouteSpec {
+    fn route(
+        name: &str,
+        host: Option<HostPattern>,
+        prefix: &str,
+        methods: Option<Vec<Method>>,
+    ) -> RouteSpec {
         RouteSpec {
             name: name.into(),
             host,
@@ -159,24 +165,60 @@ mod tests {
         let r = Router::new(&[
             route("root", None, "/", None),
             route("products", None, "/products", None),
-            route("api-products", Some(HostPattern::Exact("api.example.com".into())), "/products/", Some(vec![Method::GET])),
-            route("wild", Some(HostPattern::Wildcard(".example.com".into())), "/", None),
+            route(
+                "api-products",
+                Some(HostPattern::Exact("api.example.com".into())),
+                "/products/",
+                Some(vec![Method::GET]),
+            ),
+            route(
+                "wild",
+                Some(HostPattern::Wildcard(".example.com".into())),
+                "/",
+                None,
+            ),
         ]);
-        assert_eq!(r.find("other.org", "/products/1", &Method::GET), RouteMatch::Found(1));
-        assert_eq!(r.find("other.org", "/x", &Method::GET), RouteMatch::Found(0));
-        assert_eq!(r.find("api.example.com", "/products/1", &Method::GET), RouteMatch::Found(2));
+        assert_eq!(
+            r.find("other.org", "/products/1", &Method::GET),
+            RouteMatch::Found(1)
+        );
+        assert_eq!(
+            r.find("other.org", "/x", &Method::GET),
+            RouteMatch::Found(0)
+        );
+        assert_eq!(
+            r.find("api.example.com", "/products/1", &Method::GET),
+            RouteMatch::Found(2)
+        );
         // POST on api.example.com /products/ falls to the wildcard host's "/".
-        assert_eq!(r.find("api.example.com", "/products/1", &Method::POST), RouteMatch::Found(3));
-        assert_eq!(r.find("a.b.example.com", "/z", &Method::GET), RouteMatch::Found(3));
+        assert_eq!(
+            r.find("api.example.com", "/products/1", &Method::POST),
+            RouteMatch::Found(3)
+        );
+        assert_eq!(
+            r.find("a.b.example.com", "/z", &Method::GET),
+            RouteMatch::Found(3)
+        );
         // `*.example.com` does not match example.com itself.
-        assert_eq!(r.find("example.com", "/z", &Method::GET), RouteMatch::Found(0));
+        assert_eq!(
+            r.find("example.com", "/z", &Method::GET),
+            RouteMatch::Found(0)
+        );
     }
 
     #[test]
     fn methods_and_not_found() {
-        let r = Router::new(&[route("get", None, "/a", Some(vec![Method::GET, Method::HEAD]))]);
+        let r = Router::new(&[route(
+            "get",
+            None,
+            "/a",
+            Some(vec![Method::GET, Method::HEAD]),
+        )]);
         assert_eq!(r.find("h", "/b", &Method::GET), RouteMatch::NotFound);
-        assert_eq!(r.find("h", "/a", &Method::DELETE), RouteMatch::MethodNotAllowed(vec![Method::GET, Method::HEAD]));
+        assert_eq!(
+            r.find("h", "/a", &Method::DELETE),
+            RouteMatch::MethodNotAllowed(vec![Method::GET, Method::HEAD])
+        );
     }
 
     #[test]

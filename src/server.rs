@@ -103,7 +103,11 @@ impl ConnActivity {
     }
 
     /// `Err(reason)` if the connection must be closed now, else how long until the next check.
-    fn check(&self, header_timeout: Duration, idle_timeout: Duration) -> Result<Duration, &'static str> {
+    fn check(
+        &self,
+        header_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Result<Duration, &'static str> {
         let now = self.now();
         let idle_ms = idle_timeout.as_millis() as u64;
         if self.handlers.load(Ordering::Relaxed) > 0 {
@@ -119,7 +123,10 @@ impl ConnActivity {
         }
         let mut next = last + idle_ms;
         let head = self.head_since.load(Ordering::Relaxed);
-        if head != NONE && self.bodies.load(Ordering::Relaxed) == 0 && !self.h2.load(Ordering::Relaxed) {
+        if head != NONE
+            && self.bodies.load(Ordering::Relaxed) == 0
+            && !self.h2.load(Ordering::Relaxed)
+        {
             let deadline = head + header_timeout.as_millis() as u64;
             if now >= deadline {
                 return Err("request head not received within header_read_timeout");
@@ -137,7 +144,11 @@ struct ActivityIo {
 }
 
 impl AsyncRead for ActivityIo {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r
@@ -150,7 +161,11 @@ impl AsyncRead for ActivityIo {
 }
 
 impl AsyncWrite for ActivityIo {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r
             && n > 0
@@ -159,7 +174,11 @@ impl AsyncWrite for ActivityIo {
         }
         r
     }
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = r
             && n > 0
@@ -194,7 +213,11 @@ pub struct Server {
 
 /// Binds a TCP listener with address reuse and a deep backlog.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
     socket.set_reuse_address(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
@@ -228,7 +251,8 @@ impl Server {
             if listeners.contains_key(addr) {
                 continue;
             }
-            let listener = bind(*addr).map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+            let listener = bind(*addr)
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
             let local = listener.local_addr()?;
             tracing::info!(listener = "public", addr = %local, "listening");
             bound.push(local);
@@ -284,8 +308,14 @@ impl Server {
         let _ = stream.set_nodelay(true);
         let settings = self.shared.snapshot.load().config.server.clone();
         let activity = Arc::new(ConnActivity::new());
-        let io = TokioIo::new(ActivityIo { inner: stream, activity: activity.clone() });
-        let info = Arc::new(ConnInfo { peer, activity: activity.clone() });
+        let io = TokioIo::new(ActivityIo {
+            inner: stream,
+            activity: activity.clone(),
+        });
+        let info = Arc::new(ConnInfo {
+            peer,
+            activity: activity.clone(),
+        });
         let shared = self.shared.clone();
         let service = service_fn(move |req| {
             let shared = shared.clone();
@@ -311,7 +341,11 @@ impl Server {
             .max_header_list_size((settings.max_header_bytes * 2) as u32)
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(20));
-        let gauge = self.shared.metrics.connections_active.with_label_values(&["public"]);
+        let gauge = self
+            .shared
+            .metrics
+            .connections_active
+            .with_label_values(&["public"]);
         gauge.inc();
         let conn = builder.serve_connection(io, service);
         tokio::pin!(conn);
@@ -352,6 +386,8 @@ impl Server {
         let _ = self.shutdown.send(true);
         self.listeners.lock().expect("listener map").clear();
         let all = u32::try_from(self.max_connections).unwrap_or(u32::MAX);
-        tokio::time::timeout(timeout, self.slots.acquire_many(all)).await.is_ok()
+        tokio::time::timeout(timeout, self.slots.acquire_many(all))
+            .await
+            .is_ok()
     }
 }

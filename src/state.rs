@@ -111,7 +111,10 @@ impl Shared {
                 Ok(self.snapshot.load().config.clone())
             }
             Err(e) => {
-                self.metrics.config_reloads.with_label_values(&["error"]).inc();
+                self.metrics
+                    .config_reloads
+                    .with_label_values(&["error"])
+                    .inc();
                 Err(e)
             }
         }

@@ -62,7 +62,9 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::NoReplica { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Upstream(UpstreamError::BodyTooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::Upstream(UpstreamError::BodyTooLarge { .. }) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ProxyError::Upstream(UpstreamError::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
         }
@@ -93,7 +95,10 @@ impl ProxyError {
         let mut resp = Response::new(ResponseBody::full(body.to_string()));
         *resp.status_mut() = status;
         let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         match &self {
             ProxyError::MethodNotAllowed { allowed, .. } => {

@@ -35,7 +35,13 @@ pub fn remove_hop_by_hop(h: &mut HeaderMap) {
         }
         h.remove(header::CONNECTION);
     }
-    for n in [&KEEP_ALIVE, &header::TE, &header::TRAILER, &header::TRANSFER_ENCODING, &header::UPGRADE] {
+    for n in [
+        &KEEP_ALIVE,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ] {
         if h.contains_key(n) {
             h.remove(n);
         }
@@ -70,8 +76,7 @@ fn forwarded_node(ip: IpAddr) -> String {
 
 fn forwarded_value(s: &str) -> String {
     if !s.is_empty()
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
     {
         s.to_owned()
@@ -83,7 +88,14 @@ fn forwarded_value(s: &str) -> String {
 /// Sets X-Forwarded-For/-Proto/-Host, Forwarded and Via on a request going upstream.
 /// From a trusted peer, its X-Forwarded-* and Forwarded values are kept and extended; from any
 /// other peer they are replaced, so a client cannot forge its own address.
-pub fn set_forwarding(h: &mut HeaderMap, peer: IpAddr, trusted: bool, host: &str, proto: &'static str, via: HeaderValue) {
+pub fn set_forwarding(
+    h: &mut HeaderMap,
+    peer: IpAddr,
+    trusted: bool,
+    host: &str,
+    proto: &'static str,
+    via: HeaderValue,
+) {
     let peer = match peer {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, IpAddr::V4),
         v4 => v4,
@@ -104,7 +116,11 @@ pub fn set_forwarding(h: &mut HeaderMap, peer: IpAddr, trusted: bool, host: &str
     {
         h.insert(&X_FORWARDED_HOST, v);
     }
-    let element = format!("for={};host={};proto={proto}", forwarded_node(peer), forwarded_value(host));
+    let element = format!(
+        "for={};host={};proto={proto}",
+        forwarded_node(peer),
+        forwarded_value(host)
+    );
     let fwd = match (trusted, joined(h, &header::FORWARDED)) {
         (true, Some(prior)) => format!("{prior}, {element}"),
         _ => element,
@@ -133,7 +149,10 @@ mod tests {
     #[test]
     fn hop_by_hop_and_connection_named() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("close, X-Secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, X-Secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
@@ -149,9 +168,19 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
         h.insert("forwarded", HeaderValue::from_static("for=6.6.6.6"));
-        set_forwarding(&mut h, "192.0.2.1".parse().unwrap(), false, "api.example.com", "http", VIA_H1);
+        set_forwarding(
+            &mut h,
+            "192.0.2.1".parse().unwrap(),
+            false,
+            "api.example.com",
+            "http",
+            VIA_H1,
+        );
         assert_eq!(h["x-forwarded-for"], "192.0.2.1");
-        assert_eq!(h["forwarded"], "for=192.0.2.1;host=api.example.com;proto=http");
+        assert_eq!(
+            h["forwarded"],
+            "for=192.0.2.1;host=api.example.com;proto=http"
+        );
         assert_eq!(h["via"], "1.1 palisade");
     }
 

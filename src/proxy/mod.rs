@@ -23,7 +23,11 @@ use std::time::Instant;
 const NO_ROUTE: &str = "-";
 
 /// Handles one client request from head to response head; the body streams afterwards.
-pub async fn handle(shared: &Shared, conn: &ConnInfo, req: Request<Incoming>) -> Response<ResponseBody> {
+pub async fn handle(
+    shared: &Shared,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+) -> Response<ResponseBody> {
     let started = Instant::now();
     let snap = shared.snapshot.load_full();
     let request_id = match req.headers().get(&headers::X_REQUEST_ID) {
@@ -32,7 +36,11 @@ pub async fn handle(shared: &Shared, conn: &ConnInfo, req: Request<Incoming>) ->
     };
     let method = req.method().clone();
     let uri = req.uri().clone();
-    let via = if req.version() == Version::HTTP_2 { headers::VIA_H2 } else { headers::VIA_H1 };
+    let via = if req.version() == Version::HTTP_2 {
+        headers::VIA_H2
+    } else {
+        headers::VIA_H1
+    };
 
     let (mut resp, route, replica) = match forward(&snap, conn, req, &request_id).await {
         Ok(answer) => answer,
@@ -50,7 +58,9 @@ pub async fn handle(shared: &Shared, conn: &ConnInfo, req: Request<Incoming>) ->
     let status = resp.status();
     let route_name: Arc<str> = match route {
         Some(i) => {
-            snap.routes[i].duration.observe(started.elapsed().as_secs_f64());
+            snap.routes[i]
+                .duration
+                .observe(started.elapsed().as_secs_f64());
             snap.routes[i].name.clone()
         }
         None => Arc::from(NO_ROUTE),
@@ -79,7 +89,12 @@ pub async fn handle(shared: &Shared, conn: &ConnInfo, req: Request<Incoming>) ->
 
 type Answer = (Response<ResponseBody>, Option<usize>, Option<Arc<str>>);
 
-async fn forward(snap: &Snapshot, conn: &ConnInfo, req: Request<Incoming>, request_id: &HeaderValue) -> Result<Answer, (ProxyError, Option<usize>)> {
+async fn forward(
+    snap: &Snapshot,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+    request_id: &HeaderValue,
+) -> Result<Answer, (ProxyError, Option<usize>)> {
     let server = &snap.config.server;
 
     // 1. The request as parsed: framing, size and path checks.
@@ -91,8 +106,18 @@ async fn forward(snap: &Snapshot, conn: &ConnInfo, req: Request<Incoming>, reque
     let route = match snap.router.find(&host, req.uri().path(), req.method()) {
         RouteMatch::Found(i) => i,
         RouteMatch::MethodNotAllowed(allowed) => {
-            let allowed = allowed.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", ");
-            return Err((ProxyError::MethodNotAllowed { method: req.method().clone(), allowed }, None));
+            let allowed = allowed
+                .iter()
+                .map(|m| m.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err((
+                ProxyError::MethodNotAllowed {
+                    method: req.method().clone(),
+                    allowed,
+                },
+                None,
+            ));
         }
         RouteMatch::NotFound => {
             return Err((
@@ -109,13 +134,22 @@ async fn forward(snap: &Snapshot, conn: &ConnInfo, req: Request<Incoming>, reque
 
     // 3. Pick a replica.
     let Some(in_flight) = upstream.pick() else {
-        return Err((ProxyError::NoReplica { upstream: upstream.spec.name.clone() }, Some(route)));
+        return Err((
+            ProxyError::NoReplica {
+                upstream: upstream.spec.name.clone(),
+            },
+            Some(route),
+        ));
     };
     let replica = in_flight.replica().clone();
 
     // 4. Forward, streaming the body.
     let trusted = headers::is_trusted(conn.peer.ip(), &server.trusted_proxies);
-    let via = if req.version() == Version::HTTP_2 { headers::VIA_H2 } else { headers::VIA_H1 };
+    let via = if req.version() == Version::HTTP_2 {
+        headers::VIA_H2
+    } else {
+        headers::VIA_H1
+    };
     let host_value = request_host(&req).into_owned();
     let (mut parts, body) = req.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
@@ -125,8 +159,17 @@ async fn forward(snap: &Snapshot, conn: &ConnInfo, req: Request<Incoming>, reque
     {
         parts.headers.insert(header::HOST, v);
     }
-    headers::set_forwarding(&mut parts.headers, conn.peer.ip(), trusted, &host_value, "http", via);
-    parts.headers.insert(&headers::X_REQUEST_ID, request_id.clone());
+    headers::set_forwarding(
+        &mut parts.headers,
+        conn.peer.ip(),
+        trusted,
+        &host_value,
+        "http",
+        via,
+    );
+    parts
+        .headers
+        .insert(&headers::X_REQUEST_ID, request_id.clone());
     parts.version = Version::HTTP_11;
     let body = if body_is_empty(&parts.headers, &body) {
         RequestBody::empty()
@@ -142,17 +185,27 @@ async fn forward(snap: &Snapshot, conn: &ConnInfo, req: Request<Incoming>, reque
     let (mut parts, body) = upstream_resp.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
     let body = ResponseBody::upstream(body, upstream.spec.timeout, in_flight);
-    Ok((Response::from_parts(parts, body), Some(route), Some(replica.url.clone())))
+    Ok((
+        Response::from_parts(parts, body),
+        Some(route),
+        Some(replica.url.clone()),
+    ))
 }
 
 fn body_is_empty(h: &http::HeaderMap, body: &Incoming) -> bool {
     use http_body::Body;
-    body.is_end_stream() || (h.get(header::CONTENT_LENGTH).is_some_and(|v| v == "0") && !h.contains_key(header::TRANSFER_ENCODING))
+    body.is_end_stream()
+        || (h.get(header::CONTENT_LENGTH).is_some_and(|v| v == "0")
+            && !h.contains_key(header::TRANSFER_ENCODING))
 }
 
 /// The Host the client asked for: the Host header, else the URI's authority (HTTP/2).
 fn request_host<B>(req: &Request<B>) -> std::borrow::Cow<'_, str> {
-    if let Some(h) = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()) {
+    if let Some(h) = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+    {
         return std::borrow::Cow::Borrowed(h);
     }
     match req.uri().authority() {
@@ -168,7 +221,11 @@ fn valid_request_id(v: &HeaderValue) -> bool {
 
 /// Refuses requests whose framing is ambiguous, whose head or declared body is too large, or
 /// whose path could mean something else to the upstream than to the router.
-fn check_request<B>(req: &Request<B>, max_header_bytes: usize, max_body: u64) -> Result<(), ProxyError> {
+fn check_request<B>(
+    req: &Request<B>,
+    max_header_bytes: usize,
+    max_body: u64,
+) -> Result<(), ProxyError> {
     let h = req.headers();
     if req.version() <= Version::HTTP_11 {
         if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
@@ -180,13 +237,19 @@ fn check_request<B>(req: &Request<B>, max_header_bytes: usize, max_body: u64) ->
             return Err(ProxyError::BadRequest("more than one Host header".into()));
         }
         if req.version() == Version::HTTP_11 && !h.contains_key(header::HOST) {
-            return Err(ProxyError::BadRequest("HTTP/1.1 request without a Host header".into()));
+            return Err(ProxyError::BadRequest(
+                "HTTP/1.1 request without a Host header".into(),
+            ));
         }
     }
     let head: usize = req.uri().path_and_query().map_or(1, |p| p.as_str().len())
-        + h.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum::<usize>();
+        + h.iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>();
     if head > max_header_bytes {
-        return Err(ProxyError::HeadersTooLarge { limit: max_header_bytes });
+        return Err(ProxyError::HeadersTooLarge {
+            limit: max_header_bytes,
+        });
     }
     if let Some(len) = h.get(header::CONTENT_LENGTH) {
         let len: u64 = len
@@ -204,11 +267,15 @@ fn check_request<B>(req: &Request<B>, max_header_bytes: usize, max_body: u64) ->
 fn check_path(uri: &http::Uri) -> Result<(), ProxyError> {
     let path = uri.path();
     if !path.starts_with('/') && path != "*" {
-        return Err(ProxyError::BadRequest("the request path must start with /".into()));
+        return Err(ProxyError::BadRequest(
+            "the request path must start with /".into(),
+        ));
     }
     let bytes = path.as_bytes();
     if bytes.contains(&b'\\') {
-        return Err(ProxyError::BadRequest("backslash in the request path".into()));
+        return Err(ProxyError::BadRequest(
+            "backslash in the request path".into(),
+        ));
     }
     // Decode only what could change the path's meaning upstream: dots, slashes and NUL.
     let mut decoded = Vec::with_capacity(bytes.len());
@@ -220,14 +287,22 @@ fn check_path(uri: &http::Uri) -> Result<(), ProxyError> {
                 .and_then(|h| std::str::from_utf8(h).ok())
                 .and_then(|s| u8::from_str_radix(s, 16).ok());
             match v {
-                Some(0) => return Err(ProxyError::BadRequest("encoded NUL in the request path".into())),
+                Some(0) => {
+                    return Err(ProxyError::BadRequest(
+                        "encoded NUL in the request path".into(),
+                    ));
+                }
                 Some(b'.') | Some(b'/') | Some(b'\\') => {
                     decoded.push(v.unwrap_or(b'.'));
                     i += 3;
                     continue;
                 }
                 Some(_) => {}
-                None => return Err(ProxyError::BadRequest("malformed percent-encoding in the request path".into())),
+                None => {
+                    return Err(ProxyError::BadRequest(
+                        "malformed percent-encoding in the request path".into(),
+                    ));
+                }
             }
         }
         decoded.push(bytes[i]);
@@ -235,7 +310,9 @@ fn check_path(uri: &http::Uri) -> Result<(), ProxyError> {
     }
     for seg in decoded.split(|&b| b == b'/' || b == b'\\') {
         if seg == b"." || seg == b".." {
-            return Err(ProxyError::BadRequest("dot segments (. or ..) in the request path".into()));
+            return Err(ProxyError::BadRequest(
+                "dot segments (. or ..) in the request path".into(),
+            ));
         }
     }
     Ok(())

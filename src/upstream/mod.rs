@@ -162,7 +162,11 @@ impl Upstream {
 
     /// Sends `req` (origin-form URI) to the replica and waits up to `timeout` for the response
     /// head.
-    pub async fn send(&self, replica: &Replica, mut req: http::Request<RequestBody>) -> Result<http::Response<Incoming>, UpstreamError> {
+    pub async fn send(
+        &self,
+        replica: &Replica,
+        mut req: http::Request<RequestBody>,
+    ) -> Result<http::Response<Incoming>, UpstreamError> {
         let mut parts = std::mem::take(req.uri_mut()).into_parts();
         parts.scheme = Some(Scheme::HTTP);
         parts.authority = Some(replica.authority.clone());
