@@ -119,6 +119,39 @@ pub fn summary(c: &Config) -> String {
             r.name, r.path_prefix, c.upstreams[r.upstream].name
         );
     }
+    if !c.rate_limit_policies.is_empty() {
+        let store = match &c.rate_limit.redis {
+            Some(r) => format!(
+                "global in Redis ({:?}, on_error = {})",
+                r.target,
+                r.on_error.as_str()
+            ),
+            None => format!("in memory, at most {} clients", c.rate_limit.max_keys),
+        };
+        let _ = writeln!(s, "rate limits ({store}):");
+        for p in &c.rate_limit_policies {
+            let per: Vec<String> = p.per.iter().map(|k| k.to_string()).collect();
+            let users: Vec<&str> = c
+                .routes
+                .iter()
+                .filter(|r| {
+                    r.rate_limit
+                        .is_some_and(|i| c.rate_limit_policies[i].name == p.name)
+                })
+                .map(|r| r.name.as_str())
+                .collect();
+            let _ = writeln!(
+                s,
+                "  {:<16} {}/{}s burst {} per {} -> routes {}",
+                p.name,
+                p.count,
+                p.period.as_secs(),
+                p.burst,
+                per.join("+"),
+                users.join(", ")
+            );
+        }
+    }
     let _ = writeln!(s, "upstreams:");
     for u in &c.upstreams {
         let _ = writeln!(
@@ -212,6 +245,14 @@ fn serve(config: Config, before: Option<BeforeStart>) -> ExitCode {
             tracing::info!(listener = "admin", addr = %local, "listening");
         }
         tokio::spawn(admin::serve(shared.clone(), admin_listener));
+        let sweeper = shared.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(10));
+            loop {
+                every.tick().await;
+                sweeper.limiter.memory.sweep();
+            }
+        });
         let server = Server::new(shared.clone());
         if let Err(e) = server.sync_listeners() {
             tracing::error!(error = %e, "cannot bind a public listener");

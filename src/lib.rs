@@ -24,6 +24,8 @@ pub mod config;
 pub mod demo;
 pub mod metrics;
 pub mod proxy;
+pub mod ratelimit;
+pub mod redis;
 pub mod router;
 pub mod server;
 pub mod state;

@@ -26,6 +26,10 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// Always 1, labelled with the version.
     pub build_info: IntGaugeVec,
+    /// Rate-limit decisions, by route and decision (allowed, limited).
+    pub ratelimit_decisions: IntCounterVec,
+    /// Redis commands that failed or timed out, by use (cache, ratelimit).
+    pub redis_errors: IntCounterVec,
 }
 
 impl Metrics {
@@ -93,8 +97,19 @@ impl Metrics {
                 "Always 1; labelled with the version.",
                 &["version"],
             ),
+            ratelimit_decisions: counter(
+                "palisade_ratelimit_decisions_total",
+                "Rate-limit decisions, by route and decision (allowed, limited).",
+                &["route", "decision"],
+            ),
+            redis_errors: counter(
+                "palisade_redis_errors_total",
+                "Redis commands that failed or timed out, by use (cache, ratelimit).",
+                &["use"],
+            ),
             registry,
         };
+        m.redis_errors.with_label_values(&["ratelimit"]);
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);

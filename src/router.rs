@@ -157,6 +157,7 @@ mod tests {
             path_prefix: prefix.into(),
             methods,
             upstream: 0,
+            rate_limit: None,
         }
     }
 

@@ -7,6 +7,8 @@
 
 use crate::config::{Config, ConfigErrors};
 use crate::metrics::Metrics;
+use crate::ratelimit::{Policy, RateLimiter};
+use crate::redis::Redis;
 use crate::router::Router;
 use crate::upstream::Upstream;
 use arc_swap::ArcSwap;
@@ -19,9 +21,12 @@ pub struct Route {
     pub name: Arc<str>,
     /// Index into [`Snapshot::upstreams`].
     pub upstream: usize,
-    /// Requests-total counters for the common methods and codes are looked up per request;
-    /// the duration histogram is fixed per route.
+    /// Its request-duration histogram.
     pub duration: prometheus::Histogram,
+    /// Its rate-limit policy, if any.
+    pub rate_limit: Option<Arc<Policy>>,
+    /// Rate-limit decisions: allowed, limited.
+    pub limit_decisions: [prometheus::IntCounter; 2],
 }
 
 /// One config, compiled.
@@ -34,6 +39,8 @@ pub struct Snapshot {
     pub routes: Vec<Route>,
     /// Upstreams, in config order.
     pub upstreams: Vec<Arc<Upstream>>,
+    /// The Redis store of global rate limits, if configured.
+    pub limit_redis: Option<Redis>,
 }
 
 impl Snapshot {
@@ -49,6 +56,11 @@ impl Snapshot {
                     .unwrap_or_else(|| Arc::new(Upstream::new(spec, metrics)))
             })
             .collect();
+        let policies: Vec<Arc<Policy>> = config
+            .rate_limit_policies
+            .iter()
+            .map(|p| Arc::new(Policy::new(p.clone())))
+            .collect();
         let routes = config
             .routes
             .iter()
@@ -56,12 +68,29 @@ impl Snapshot {
                 name: r.name.as_str().into(),
                 upstream: r.upstream,
                 duration: metrics.request_duration.with_label_values(&[&r.name]),
+                rate_limit: r.rate_limit.map(|i| policies[i].clone()),
+                limit_decisions: ["allowed", "limited"]
+                    .map(|d| metrics.ratelimit_decisions.with_label_values(&[&r.name, d])),
             })
             .collect();
+        let limit_redis = config.rate_limit.redis.as_ref().and_then(|s| {
+            let kept = previous
+                .and_then(|p| p.limit_redis.as_ref())
+                .filter(|r| r.target == s.target && r.timeout() == s.timeout);
+            match kept {
+                Some(r) => Some(r.clone()),
+                None => Redis::connect(&s.target, s.timeout)
+                    .inspect_err(
+                        |e| tracing::error!(error = %e, "cannot set up the rate-limit Redis"),
+                    )
+                    .ok(),
+            }
+        });
         Snapshot {
             router: Router::new(&config.routes),
             routes,
             upstreams,
+            limit_redis,
             config: Arc::new(config),
         }
     }
@@ -75,6 +104,10 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Set once the public listeners are bound.
     pub ready: AtomicBool,
+    /// Rate-limit stores; the memory state outlives reloads.
+    pub limiter: RateLimiter,
+    started: std::time::Instant,
+    last_warning: AtomicU64,
     request_prefix: u64,
     request_counter: AtomicU64,
 }
@@ -83,11 +116,15 @@ impl Shared {
     /// Builds the state for a validated config.
     pub fn new(config: Config) -> Arc<Shared> {
         let metrics = Metrics::new();
+        let limiter = RateLimiter::new(config.rate_limit.max_keys);
         let snapshot = Snapshot::build(config, None, &metrics);
         Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics,
             ready: AtomicBool::new(false),
+            limiter,
+            started: std::time::Instant::now(),
+            last_warning: AtomicU64::new(0),
             request_prefix: fastrand::u64(..),
             request_counter: AtomicU64::new(0),
         })
@@ -117,6 +154,20 @@ impl Shared {
                     .inc();
                 Err(e)
             }
+        }
+    }
+
+    /// Runs `log` at most once a second, so that a failing dependency cannot flood the log.
+    pub fn warn_throttled(&self, log: impl FnOnce()) {
+        let now = self.started.elapsed().as_secs() + 1;
+        let last = self.last_warning.load(Ordering::Relaxed);
+        if now > last
+            && self
+                .last_warning
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            log();
         }
     }
 

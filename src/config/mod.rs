@@ -14,6 +14,8 @@ pub mod values;
 
 pub use error::{ConfigError, ConfigErrors};
 
+use crate::ratelimit::{OnError, PolicySpec};
+use crate::redis::RedisTarget;
 use http::Method;
 use ipnet::IpNet;
 use std::net::SocketAddr;
@@ -38,6 +40,30 @@ pub struct Config {
     pub upstreams: Vec<UpstreamSpec>,
     /// `[[routes]]`, in file order.
     pub routes: Vec<RouteSpec>,
+    /// `[rate_limit]`.
+    pub rate_limit: RateLimitSettings,
+    /// Every rate-limit policy: `[rate_limits.*]` first (sorted by name), then inline ones.
+    pub rate_limit_policies: Vec<PolicySpec>,
+}
+
+/// `[rate_limit]`: where rate-limit state lives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimitSettings {
+    /// With Redis, every policy is global: decided in Redis for all instances.
+    pub redis: Option<RedisSettings>,
+    /// Clients this instance's memory store holds at most.
+    pub max_keys: usize,
+}
+
+/// A Redis connection's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisSettings {
+    /// Server or cluster.
+    pub target: RedisTarget,
+    /// Time allowed per command.
+    pub timeout: Duration,
+    /// What a rate limit does when Redis cannot answer.
+    pub on_error: OnError,
 }
 
 /// Public listener settings.
@@ -157,6 +183,8 @@ pub struct RouteSpec {
     pub methods: Option<Vec<Method>>,
     /// Index into [`Config::upstreams`].
     pub upstream: usize,
+    /// Index into [`Config::rate_limit_policies`].
+    pub rate_limit: Option<usize>,
 }
 
 /// Reads and validates a config file.
@@ -246,14 +274,68 @@ mod tests {
     fn later_features_are_refused_not_ignored() {
         let e = errors(&format!("{MINIMAL}[cache]\nmemory = \"1MiB\"\n"));
         assert!(e[0].contains("cache: is not supported yet"), "{e:?}");
+    }
+
+    #[test]
+    fn rate_limit_policies() {
+        let text = format!(
+            "{MINIMAL}rate_limit = \"shared\"\n[[routes]]\nname = \"r2\"\nupstream = \"u\"\nmatch = {{ path_prefix = \"/b\" }}\nrate_limit = {{ per = [\"client_ip\", \"header:X-API-Key\"], limit = \"10/s\", burst = 5, missing = \"deny\" }}\n[rate_limits.shared]\nlimit = \"100/min\"\n"
+        );
+        let c = parse(&text, Path::new("t.toml")).unwrap();
+        assert_eq!(c.rate_limit_policies.len(), 2);
+        let shared = &c.rate_limit_policies[c.routes[0].rate_limit.unwrap()];
+        assert_eq!(
+            (shared.name.as_str(), shared.count, shared.burst),
+            ("shared", 100, 100)
+        );
+        let inline = &c.rate_limit_policies[c.routes[1].rate_limit.unwrap()];
+        assert_eq!(
+            (inline.name.as_str(), inline.count, inline.burst),
+            ("r2", 10, 5)
+        );
+        assert_eq!(inline.per.len(), 2);
+    }
+
+    #[test]
+    fn absurd_limits_are_refused() {
+        for (limit, why) in [
+            ("0/s", "at least 1"),
+            ("-1/min", "at least 1"),
+            ("10/fortnight", "s, min or h"),
+        ] {
+            let e = errors(&MINIMAL.replace(
+                "upstream = \"u\"",
+                &format!("upstream = \"u\"\nrate_limit = {{ limit = \"{limit}\" }}"),
+            ));
+            assert!(
+                e[0].contains("routes[0].rate_limit") && e[0].contains(why),
+                "{limit}: {e:?}"
+            );
+        }
         let e = errors(&MINIMAL.replace(
             "upstream = \"u\"",
-            "upstream = \"u\"\nrate_limit = { per = \"client_ip\", limit = \"1/s\" }",
+            "upstream = \"u\"\nrate_limit = { limit = \"1/s\", burst = 0, per = \"cookie:x\" }",
         ));
+        assert_eq!(e.len(), 2, "{e:?}");
         assert!(
-            e[0].contains("routes[0].rate_limit: is not supported yet"),
+            e.iter()
+                .any(|e| e.contains("burst: must be a whole number from 1")),
             "{e:?}"
         );
+        assert!(
+            e.iter()
+                .any(|e| e.contains("per: unknown key \"cookie:x\"")),
+            "{e:?}"
+        );
+        let e = errors(&MINIMAL.replace(
+            "upstream = \"u\"",
+            "upstream = \"u\"\nrate_limit = \"nope\"",
+        ));
+        assert!(e[0].contains("unknown rate-limit policy \"nope\""), "{e:?}");
+        let e = errors(&format!(
+            "{MINIMAL}[rate_limit]\nredis = {{ url = \"http://x\", on_error = \"maybe\" }}\n"
+        ));
+        assert_eq!(e.len(), 2, "{e:?}");
     }
 
     #[test]

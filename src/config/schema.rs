@@ -21,7 +21,7 @@ pub struct RawConfig {
     pub log: RawLog,
     pub cache: Option<Spanned<RawCache>>,
     pub rate_limit: Option<Spanned<RawGlobalRateLimit>>,
-    pub rate_limits: Option<Spanned<BTreeMap<String, RawRateLimit>>>,
+    pub rate_limits: Option<BTreeMap<Spanned<String>, Spanned<RawRateLimit>>>,
     #[serde(default)]
     pub upstreams: BTreeMap<Spanned<String>, Spanned<RawUpstream>>,
     #[serde(default)]
@@ -90,37 +90,75 @@ pub struct RawCache {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRedis {
-    pub url: Text,
-    pub timeout: Option<Duration>,
-    pub on_error: Option<Text>,
+    pub url: Spanned<Text>,
+    pub timeout: Option<Spanned<Duration>>,
+    pub on_error: Option<Spanned<Text>>,
 }
 
 /// `[rate_limit]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawGlobalRateLimit {
-    pub redis: Option<RawRedis>,
+    pub redis: Option<Spanned<RawRedis>>,
+    pub max_keys: Option<Spanned<i64>>,
 }
 
 /// A rate-limit policy: a route's `rate_limit = {...}` or `[rate_limits.NAME]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRateLimit {
-    pub per: Option<toml::Value>,
-    pub limit: Option<Rate>,
-    pub burst: Option<i64>,
-    pub missing: Option<Text>,
+    pub per: Option<Spanned<OneOrMany>>,
+    pub limit: Option<Spanned<Rate>>,
+    pub burst: Option<Spanned<i64>>,
+    pub missing: Option<Spanned<Text>>,
     pub headers: Option<bool>,
 }
 
-/// A route's `rate_limit`: a policy inline, or the name of a `[rate_limits.NAME]`.
+/// A string or a list of strings.
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a string like \"client_ip\", \"header:NAME\" or \"query:NAME\", or a list of them"
+)]
+pub enum OneOrMany {
+    /// `"client_ip"`.
+    One(Text),
+    /// `["client_ip", "header:X-API-Key"]`.
+    Many(Vec<Text>),
+}
+
+/// A route's `rate_limit`: a policy inline, or the name of a `[rate_limits.NAME]`.
+#[derive(Debug)]
 pub enum RawRouteRateLimit {
     /// `rate_limit = "name"`.
     Named(Text),
     /// `rate_limit = { per = ..., limit = ... }`.
     Inline(RawRateLimit),
+}
+
+impl<'de> Deserialize<'de> for RawRouteRateLimit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawRouteRateLimit;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("the name of a [rate_limits.NAME] table, or { per = ..., limit = ..., burst = ... }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                super::values::expand_env(v)
+                    .map(|s| RawRouteRateLimit::Named(Text(s)))
+                    .map_err(E::custom)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                RawRateLimit::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawRouteRateLimit::Inline)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// `[upstreams.NAME]`.

@@ -4,6 +4,7 @@ use super::error::{ConfigError, ConfigErrors, Locator};
 use super::schema::*;
 use super::values::Text;
 use super::*;
+use crate::ratelimit::{Missing, OnError, PolicySpec, identity::KeyPart};
 use std::collections::{BTreeMap, HashMap};
 use toml::Spanned;
 
@@ -86,10 +87,26 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> 
     let admin = admin(&mut c, &raw.admin);
     let log = log(&mut c, &raw.log);
     c.not_yet(&raw.cache, "cache", "response cache");
-    c.not_yet(&raw.rate_limit, "rate_limit", "rate limit");
-    c.not_yet(&raw.rate_limits, "rate_limits", "rate limit");
+    let rate_limit = rate_limit_settings(&mut c, raw.rate_limit.as_ref());
+    let mut policies = Vec::new();
+    for (name, p) in raw.rate_limits.iter().flatten() {
+        if !upstream_name_ok(name.get_ref()) {
+            c.err(
+                name,
+                format!("rate_limits.{}", name.get_ref()),
+                "a policy name may hold only letters, digits, _ and -",
+            );
+        }
+        policies.push(policy(
+            &mut c,
+            name.get_ref(),
+            p.get_ref(),
+            &format!("rate_limits.{}", name.get_ref()),
+            p.span().start,
+        ));
+    }
     let upstreams = upstreams(&mut c, &raw.upstreams);
-    let routes = routes(&mut c, &raw.routes, &upstreams);
+    let routes = routes(&mut c, &raw.routes, &upstreams, &mut policies);
 
     if c.errors.is_empty() {
         Ok(Config {
@@ -99,6 +116,8 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> 
             log,
             upstreams,
             routes,
+            rate_limit,
+            rate_limit_policies: policies,
         })
     } else {
         c.errors.sort_by_key(|e| (e.line, e.column));
@@ -436,7 +455,15 @@ fn routes(
     c: &mut Checker,
     raw: &[Spanned<RawRoute>],
     upstreams: &[UpstreamSpec],
+    policies: &mut Vec<PolicySpec>,
 ) -> Vec<RouteSpec> {
+    let named = policies.len();
+    let raw_policy_names = |p: &[PolicySpec]| {
+        p[..named]
+            .iter()
+            .map(|p| p.name.clone())
+            .collect::<Vec<_>>()
+    };
     let mut out = Vec::new();
     if raw.is_empty() {
         c.errors.push(c.loc.error(0, "routes", "no [[routes]]: add at least one, like [[routes]] name = \"default\" upstream = \"NAME\""));
@@ -549,7 +576,24 @@ fn routes(
             }
         };
         c.not_yet(&r.cache, &format!("{key}.cache"), "response cache");
-        c.not_yet(&r.rate_limit, &format!("{key}.rate_limit"), "rate limit");
+        let rate_limit = match &r.rate_limit {
+            None => None,
+            Some(rl) => match rl.get_ref() {
+                RawRouteRateLimit::Named(n) => {
+                    let found = raw_policy_names(policies).iter().position(|p| p == &n.0);
+                    if found.is_none() {
+                        let known = raw_policy_names(policies);
+                        c.err(rl, format!("{key}.rate_limit"), format!("unknown rate-limit policy {:?}: defined [rate_limits.*] are {known:?}", n.0));
+                    }
+                    found
+                }
+                RawRouteRateLimit::Inline(p) => {
+                    let spec = policy(c, &name, p, &format!("{key}.rate_limit"), rl.span().start);
+                    policies.push(spec);
+                    Some(policies.len() - 1)
+                }
+            },
+        };
 
         let slot = seen.entry((host.clone(), path_prefix.clone())).or_default();
         for (other, other_methods) in slot.iter() {
@@ -585,7 +629,155 @@ fn routes(
             path_prefix,
             methods,
             upstream,
+            rate_limit,
         });
     }
     out
+}
+
+fn rate_limit_settings(
+    c: &mut Checker,
+    raw: Option<&Spanned<RawGlobalRateLimit>>,
+) -> RateLimitSettings {
+    let Some(raw) = raw else {
+        return RateLimitSettings {
+            redis: None,
+            max_keys: 1_000_000,
+        };
+    };
+    let raw = raw.get_ref();
+    let max_keys = c.count(&raw.max_keys, "rate_limit.max_keys", 1_000_000, 100_000_000);
+    let redis = raw.redis.as_ref().and_then(|r| {
+        let on_error = match r.get_ref().on_error.as_ref() {
+            None => OnError::Allow,
+            Some(v) => match v.get_ref().as_ref() {
+                "allow" => OnError::Allow,
+                "deny" => OnError::Deny,
+                "local" => OnError::Local,
+                other => {
+                    c.err(v, "rate_limit.redis.on_error", format!("unknown value {other:?}: allowed are \"allow\", \"deny\" and \"local\""));
+                    OnError::Allow
+                }
+            },
+        };
+        redis_settings(c, r.get_ref(), "rate_limit.redis", Duration::from_millis(20), on_error)
+    });
+    RateLimitSettings { redis, max_keys }
+}
+
+fn redis_settings(
+    c: &mut Checker,
+    r: &RawRedis,
+    key: &str,
+    default_timeout: Duration,
+    on_error: OnError,
+) -> Option<RedisSettings> {
+    let timeout = c.positive_duration(&r.timeout, &format!("{key}.timeout"), default_timeout);
+    match crate::redis::RedisTarget::parse(&r.url.get_ref().0) {
+        Ok(target) => Some(RedisSettings {
+            target,
+            timeout,
+            on_error,
+        }),
+        Err(msg) => {
+            c.err(&r.url, format!("{key}.url"), msg);
+            None
+        }
+    }
+}
+
+fn key_part(raw: &str) -> Result<KeyPart, String> {
+    let allowed = "allowed are \"client_ip\", \"header:NAME\" and \"query:NAME\"";
+    let raw = raw.trim();
+    if raw == "client_ip" {
+        return Ok(KeyPart::ClientIp);
+    }
+    if let Some(h) = raw.strip_prefix("header:") {
+        return http::HeaderName::from_bytes(h.trim().as_bytes())
+            .map(KeyPart::Header)
+            .map_err(|_| format!("invalid header name {h:?}: {allowed}"));
+    }
+    if let Some(q) = raw.strip_prefix("query:") {
+        let q = q.trim();
+        if q.is_empty() || q.contains(['&', '=', '#', ' ']) {
+            return Err(format!("invalid query parameter name {q:?}: {allowed}"));
+        }
+        return Ok(KeyPart::Query(q.to_owned()));
+    }
+    Err(format!("unknown key {raw:?}: {allowed}"))
+}
+
+fn policy(c: &mut Checker, name: &str, p: &RawRateLimit, key: &str, at: usize) -> PolicySpec {
+    let mut per = Vec::new();
+    match p.per.as_ref() {
+        None => per.push(KeyPart::ClientIp),
+        Some(v) => {
+            let list: Vec<&Text> = match v.get_ref() {
+                OneOrMany::One(t) => vec![t],
+                OneOrMany::Many(ts) => ts.iter().collect(),
+            };
+            if list.is_empty() {
+                c.err(
+                    v,
+                    format!("{key}.per"),
+                    "must name at least one key, like \"client_ip\"",
+                );
+            }
+            for t in list {
+                match key_part(t) {
+                    Ok(part) if per.contains(&part) => {
+                        c.err(v, format!("{key}.per"), format!("{part} is listed twice"))
+                    }
+                    Ok(part) => per.push(part),
+                    Err(msg) => c.err(v, format!("{key}.per"), msg),
+                }
+            }
+        }
+    }
+    let (count, period) = match p.limit.as_ref() {
+        Some(l) => (l.get_ref().count, l.get_ref().per),
+        None => {
+            c.errors.push(c.loc.error(
+                at,
+                format!("{key}.limit"),
+                "is required: write N/s, N/min or N/h, like \"100/min\"",
+            ));
+            (1, std::time::Duration::from_secs(1))
+        }
+    };
+    let burst = match p.burst.as_ref() {
+        None => count,
+        Some(b) if *b.get_ref() < 1 || *b.get_ref() > 1_000_000_000 => {
+            c.err(
+                b,
+                format!("{key}.burst"),
+                format!(
+                    "must be a whole number from 1 to 1000000000, not {}",
+                    b.get_ref()
+                ),
+            );
+            1
+        }
+        Some(b) => *b.get_ref() as u64,
+    };
+    let missing = match p.missing.as_ref() {
+        None => Missing::ClientIp,
+        Some(m) => match m.get_ref().as_ref() {
+            "deny" => Missing::Deny,
+            "client_ip" => Missing::ClientIp,
+            other => {
+                c.err(m, format!("{key}.missing"), format!("unknown value {other:?}: allowed are \"deny\" (400) and \"client_ip\" (limit by address)"));
+                Missing::ClientIp
+            }
+        },
+    };
+    PolicySpec {
+        name: name.to_owned(),
+        per,
+        count,
+        period,
+        burst,
+        missing,
+        headers: p.headers.unwrap_or(true),
+    }
 }

@@ -29,6 +29,19 @@ pub enum ProxyError {
         /// The methods that would match, comma-separated.
         allowed: String,
     },
+    /// The client is over its rate limit.
+    #[error("rate limit exceeded; retry in {}s", retry_after_secs(*.retry_after))]
+    RateLimited {
+        /// Time until a request would be allowed.
+        retry_after: std::time::Duration,
+        /// `RateLimit-Policy` value.
+        policy: HeaderValue,
+        /// `RateLimit` value.
+        state: HeaderValue,
+    },
+    /// The request lacks the header or parameter its rate limit is keyed on.
+    #[error("{0}")]
+    MissingKey(String),
     /// The request body is larger than `max_request_body`.
     #[error("request body exceeds the limit of {limit} bytes")]
     BodyTooLarge {
@@ -56,7 +69,8 @@ impl ProxyError {
     /// The status this error is answered with.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_) | ProxyError::MissingKey(_) => StatusCode::BAD_REQUEST,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -109,6 +123,18 @@ impl ProxyError {
             ProxyError::NoReplica { .. } => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
+            ProxyError::RateLimited {
+                retry_after,
+                policy,
+                state,
+            } => {
+                h.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after_secs(*retry_after)),
+                );
+                h.insert(super::headers::RATELIMIT_POLICY.clone(), policy.clone());
+                h.insert(super::headers::RATELIMIT.clone(), state.clone());
+            }
             _ => {}
         }
         if self.closes_connection() {
@@ -116,4 +142,9 @@ impl ProxyError {
         }
         resp
     }
+}
+
+/// Whole seconds to wait, rounded up, at least 1 (Retry-After has no fractions).
+fn retry_after_secs(d: std::time::Duration) -> u64 {
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
 }

@@ -11,13 +11,15 @@ pub use error::ProxyError;
 
 use crate::body::{AccessRecord, RequestBody, ResponseBody};
 use crate::metrics::method_label;
+use crate::ratelimit::gcra::Decision;
+use crate::ratelimit::{OnError, Policy, identity};
 use crate::router::{RouteMatch, normalize_host};
 use crate::server::ConnInfo;
 use crate::state::{Shared, Snapshot};
 use http::{HeaderValue, Request, Response, Version, header};
 use hyper::body::Incoming;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Route label for requests that matched no route.
 const NO_ROUTE: &str = "-";
@@ -42,7 +44,7 @@ pub async fn handle(
         headers::VIA_H1
     };
 
-    let (mut resp, route, replica) = match forward(&snap, conn, req, &request_id).await {
+    let (mut resp, route, replica) = match forward(shared, &snap, conn, req, &request_id).await {
         Ok(answer) => answer,
         Err((e, route)) => {
             if e.status().is_server_error() {
@@ -90,6 +92,7 @@ pub async fn handle(
 type Answer = (Response<ResponseBody>, Option<usize>, Option<Arc<str>>);
 
 async fn forward(
+    shared: &Shared,
     snap: &Snapshot,
     conn: &ConnInfo,
     req: Request<Incoming>,
@@ -132,7 +135,15 @@ async fn forward(
     };
     let upstream = &snap.upstreams[snap.routes[route].upstream];
 
-    // 3. Pick a replica.
+    // 3. Client identity and rate limit.
+    let limit_headers = match &snap.routes[route].rate_limit {
+        None => None,
+        Some(policy) => rate_limit(shared, snap, conn, &req, route, policy)
+            .await
+            .map_err(|e| (e, Some(route)))?,
+    };
+
+    // 4. Pick a replica.
     let Some(in_flight) = upstream.pick() else {
         return Err((
             ProxyError::NoReplica {
@@ -143,7 +154,7 @@ async fn forward(
     };
     let replica = in_flight.replica().clone();
 
-    // 4. Forward, streaming the body.
+    // 5. Forward, streaming the body.
     let trusted = headers::is_trusted(conn.peer.ip(), &server.trusted_proxies);
     let via = if req.version() == Version::HTTP_2 {
         headers::VIA_H2
@@ -181,15 +192,87 @@ async fn forward(
         .await
         .map_err(|e| (ProxyError::from(e), Some(route)))?;
 
-    // 5. Respond.
+    // 6. Respond.
     let (mut parts, body) = upstream_resp.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
+    if let Some((policy, state)) = limit_headers {
+        parts
+            .headers
+            .insert(headers::RATELIMIT_POLICY.clone(), policy);
+        parts.headers.insert(headers::RATELIMIT.clone(), state);
+    }
     let body = ResponseBody::upstream(body, upstream.spec.timeout, in_flight);
     Ok((
         Response::from_parts(parts, body),
         Some(route),
         Some(replica.url.clone()),
     ))
+}
+
+/// Decides the rate limit of a request; on success, the `RateLimit-Policy` and `RateLimit`
+/// values for the response (unless the policy turns them off or no decision could be made).
+async fn rate_limit(
+    shared: &Shared,
+    snap: &Snapshot,
+    conn: &ConnInfo,
+    req: &Request<Incoming>,
+    route: usize,
+    policy: &Policy,
+) -> Result<Option<(HeaderValue, HeaderValue)>, ProxyError> {
+    let trusted = &snap.config.server.trusted_proxies;
+    let client = identity::client_ip(conn.peer.ip(), req.headers(), trusted);
+    let key = shared
+        .limiter
+        .key(policy, client, req.headers(), req.uri())
+        .map_err(ProxyError::MissingKey)?;
+    let decision = match &snap.limit_redis {
+        None => Some(shared.limiter.decide_local(policy, &key)),
+        Some(redis) => match shared.limiter.decide_redis(redis, policy, &key).await {
+            Ok(d) => Some(d),
+            Err(e) => {
+                shared
+                    .metrics
+                    .redis_errors
+                    .with_label_values(&["ratelimit"])
+                    .inc();
+                let on_error = snap
+                    .config
+                    .rate_limit
+                    .redis
+                    .as_ref()
+                    .map_or(OnError::Allow, |r| r.on_error);
+                shared.warn_throttled(|| tracing::warn!(error = %e, on_error = on_error.as_str(), "rate-limit Redis failed"));
+                match on_error {
+                    OnError::Allow => None,
+                    OnError::Local => Some(shared.limiter.decide_local(policy, &key)),
+                    OnError::Deny => Some(Decision {
+                        allowed: false,
+                        remaining: 0,
+                        reset_after: Duration::from_secs(1),
+                        retry_after: Duration::from_secs(1),
+                    }),
+                }
+            }
+        },
+    };
+    let r = &snap.routes[route];
+    let Some(d) = decision else {
+        r.limit_decisions[0].inc();
+        return Ok(None);
+    };
+    if !d.allowed {
+        r.limit_decisions[1].inc();
+        return Err(ProxyError::RateLimited {
+            retry_after: d.retry_after,
+            policy: policy.policy_header.clone(),
+            state: policy.ratelimit_header(&d),
+        });
+    }
+    r.limit_decisions[0].inc();
+    Ok(policy
+        .spec
+        .headers
+        .then(|| (policy.policy_header.clone(), policy.ratelimit_header(&d))))
 }
 
 fn body_is_empty(h: &http::HeaderMap, body: &Incoming) -> bool {
