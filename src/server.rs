@@ -111,7 +111,7 @@ impl ConnActivity {
         let now = self.now();
         let idle_ms = idle_timeout.as_millis() as u64;
         if self.handlers.load(Ordering::Relaxed) > 0 {
-            return Ok(idle_timeout);
+            return Ok(idle_timeout.min(header_timeout));
         }
         let last = self.last_io.load(Ordering::Relaxed);
         if now.saturating_sub(last) >= idle_ms {
@@ -132,6 +132,9 @@ impl ConnActivity {
                 return Err("request head not received within header_read_timeout");
             }
             next = next.min(deadline);
+        } else if !self.h2.load(Ordering::Relaxed) {
+            // A head may start before the next wake-up; look again within its timeout.
+            next = next.min(now + header_timeout.as_millis() as u64);
         }
         Ok(Duration::from_millis(next - now + 1))
     }
