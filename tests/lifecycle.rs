@@ -139,7 +139,7 @@ async fn twenty_reloads_under_load_fail_no_request() {
         for t in tasks {
             t.await.unwrap();
         }
-        let failures = failures.lock().unwrap();
+        let failures = std::mem::take(&mut *failures.lock().unwrap());
         assert!(
             failures.is_empty(),
             "{} failed requests, first: {:?}",
