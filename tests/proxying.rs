@@ -263,6 +263,8 @@ async fn connect_timeout_is_502() {
             .expect("connect_timeout did not fire");
         let j = error_body(&r, 502);
         assert!(j["error"]["message"].as_str().unwrap().contains("cannot connect"), "{j}");
+        // The connector's own timeout, not a refusal.
+        assert!(j["error"]["message"].as_str().unwrap().contains("deadline has elapsed"), "{j}");
         assert_eq!(get(&client, &p.url("/fine"), &[]).await.status, 200);
     })
     .await;
