@@ -44,6 +44,7 @@ pub struct ConnActivity {
     bodies: AtomicUsize,
     h2: AtomicBool,
     first_read: AtomicBool,
+    ambiguous_framing: AtomicBool,
 }
 
 impl ConnActivity {
@@ -56,6 +57,7 @@ impl ConnActivity {
             bodies: AtomicUsize::new(0),
             h2: AtomicBool::new(false),
             first_read: AtomicBool::new(true),
+            ambiguous_framing: AtomicBool::new(false),
         }
     }
 
@@ -63,7 +65,8 @@ impl ConnActivity {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    fn on_read(&self, data: &[u8]) {
+    /// Records a read; returns whether it began a request head.
+    fn on_read(&self, data: &[u8]) -> bool {
         let now = self.now();
         self.last_io.store(now, Ordering::Relaxed);
         if self.first_read.swap(false, Ordering::Relaxed) && data.starts_with(b"PRI * HTTP/2.0") {
@@ -74,7 +77,16 @@ impl ConnActivity {
             && self.head_since.load(Ordering::Relaxed) == NONE
         {
             self.head_since.store(now, Ordering::Relaxed);
+            return !self.h2.load(Ordering::Relaxed);
         }
+        false
+    }
+
+    /// Whether the request head just parsed had both Content-Length and Transfer-Encoding
+    /// (hyper keeps only Transfer-Encoding, so the request itself no longer shows it). Clears
+    /// the flag.
+    pub fn take_ambiguous_framing(&self) -> bool {
+        self.ambiguous_framing.swap(false, Ordering::Relaxed)
     }
 
     fn on_write(&self) {
@@ -111,7 +123,7 @@ impl ConnActivity {
         let now = self.now();
         let idle_ms = idle_timeout.as_millis() as u64;
         if self.handlers.load(Ordering::Relaxed) > 0 {
-            return Ok(idle_timeout);
+            return Ok(idle_timeout.min(header_timeout));
         }
         let last = self.last_io.load(Ordering::Relaxed);
         if now.saturating_sub(last) >= idle_ms {
@@ -132,6 +144,9 @@ impl ConnActivity {
                 return Err("request head not received within header_read_timeout");
             }
             next = next.min(deadline);
+        } else if !self.h2.load(Ordering::Relaxed) {
+            // A head may start before the next wake-up; look again within its timeout.
+            next = next.min(now + header_timeout.as_millis() as u64);
         }
         Ok(Duration::from_millis(next - now + 1))
     }
@@ -141,6 +156,61 @@ impl ConnActivity {
 struct ActivityIo {
     inner: TcpStream,
     activity: Arc<ConnActivity>,
+    scan: HeadScan,
+}
+
+/// Watches the header lines of an HTTP/1 request head, from its first byte to the blank line,
+/// for a Content-Length and a Transfer-Encoding together.
+#[derive(Default)]
+struct HeadScan {
+    active: bool,
+    lines: usize,
+    line: [u8; 18],
+    line_len: usize,
+    content_length: bool,
+    transfer_encoding: bool,
+}
+
+impl HeadScan {
+    fn start(&mut self) {
+        *self = HeadScan {
+            active: true,
+            ..HeadScan::default()
+        };
+    }
+
+    /// Feeds bytes read; returns true when the head ended with both headers present.
+    fn feed(&mut self, data: &[u8]) -> bool {
+        for &b in data {
+            if !self.active {
+                break;
+            }
+            match b {
+                b'\n' if self.line_len == 0 => {
+                    if self.lines > 0 {
+                        self.active = false;
+                        return self.content_length && self.transfer_encoding;
+                    }
+                }
+                b'\n' => {
+                    let name = &self.line[..self.line_len.min(self.line.len())];
+                    self.content_length |=
+                        name.len() >= 15 && name[..15].eq_ignore_ascii_case(b"content-length:");
+                    self.transfer_encoding |= name.eq_ignore_ascii_case(b"transfer-encoding:");
+                    self.lines += 1;
+                    self.line_len = 0;
+                }
+                b'\r' => {}
+                _ => {
+                    if self.line_len < self.line.len() {
+                        self.line[self.line_len] = b;
+                    }
+                    self.line_len += 1;
+                }
+            }
+        }
+        false
+    }
 }
 
 impl AsyncRead for ActivityIo {
@@ -149,12 +219,21 @@ impl AsyncRead for ActivityIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
         let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r
             && buf.filled().len() > before
         {
-            self.activity.on_read(&buf.filled()[before..]);
+            let data = &buf.filled()[before..];
+            if this.activity.on_read(data) {
+                this.scan.start();
+            }
+            if this.scan.active && this.scan.feed(data) {
+                this.activity
+                    .ambiguous_framing
+                    .store(true, Ordering::Relaxed);
+            }
         }
         r
     }
@@ -311,6 +390,7 @@ impl Server {
         let io = TokioIo::new(ActivityIo {
             inner: stream,
             activity: activity.clone(),
+            scan: HeadScan::default(),
         });
         let info = Arc::new(ConnInfo {
             peer,
@@ -389,5 +469,33 @@ impl Server {
         tokio::time::timeout(timeout, self.slots.acquire_many(all))
             .await
             .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HeadScan;
+
+    fn scan(chunks: &[&[u8]]) -> bool {
+        let mut s = HeadScan::default();
+        s.start();
+        chunks.iter().any(|c| s.feed(c))
+    }
+
+    #[test]
+    fn head_scan_finds_both_lengths_across_reads() {
+        assert!(scan(&[
+            b"POST / HTTP/1.1\r\nContent-Len",
+            b"gth: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n"
+        ]));
+        assert!(scan(&[
+            b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\nCONTENT-LENGTH: 5\r\n\r\n"
+        ]));
+        assert!(!scan(&[
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nTransfer-Encoding: x\r\n\r\n"
+        ]));
+        assert!(!scan(&[
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nX-Content-Length: 5\r\n\r\n"
+        ]));
     }
 }

@@ -21,6 +21,8 @@ use hyper::body::Incoming;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+const BOTH_LENGTHS: &str = "both Content-Length and Transfer-Encoding are present; send one";
+
 /// Route label for requests that matched no route.
 const NO_ROUTE: &str = "-";
 
@@ -101,6 +103,9 @@ async fn forward(
     let server = &snap.config.server;
 
     // 1. The request as parsed: framing, size and path checks.
+    if conn.activity.take_ambiguous_framing() {
+        return Err((ProxyError::BadRequest(BOTH_LENGTHS.into()), None));
+    }
     check_request(&req, server.max_header_bytes, server.max_request_body).map_err(|e| (e, None))?;
 
     // 2. Route.
@@ -312,9 +317,7 @@ fn check_request<B>(
     let h = req.headers();
     if req.version() <= Version::HTTP_11 {
         if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
-            return Err(ProxyError::BadRequest(
-                "both Content-Length and Transfer-Encoding are present; send one".into(),
-            ));
+            return Err(ProxyError::BadRequest(BOTH_LENGTHS.into()));
         }
         if h.get_all(header::HOST).iter().count() > 1 {
             return Err(ProxyError::BadRequest("more than one Host header".into()));

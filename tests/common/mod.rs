@@ -1,0 +1,27 @@
+//! The integration-test harness: real upstream replicas ([`upstream`]), the real `palisade`
+//! binary as a child process ([`proxy`]), and clients ([`client`]). Nothing is mocked.
+#![allow(dead_code, reason = "each test binary uses a part of the harness")]
+
+pub mod client;
+pub mod proxy;
+pub mod upstream;
+
+pub use client::*;
+pub use proxy::*;
+pub use upstream::*;
+
+use std::future::Future;
+use std::time::Duration;
+
+/// Runs `f`, failing the test if it takes longer than `secs` seconds.
+pub async fn bounded<F: Future>(secs: u64, f: F) -> F::Output {
+    match tokio::time::timeout(Duration::from_secs(secs), f).await {
+        Ok(v) => v,
+        Err(_) => panic!("test did not finish within {secs} s"),
+    }
+}
+
+/// Shorthand for a `Duration` of `ms` milliseconds.
+pub fn ms(ms: u64) -> Duration {
+    Duration::from_millis(ms)
+}

@@ -1,0 +1,441 @@
+//! An upstream replica for tests: a hyper 1 HTTP/1.1 server on 127.0.0.1:0, on its own runtime,
+//! whose behaviour is chosen per request by query parameters (or per server by [`Settings`]):
+//!
+//! - `delay_ms=N`: wait before the response head.
+//! - `status=N`: the response status.
+//! - `size=N`: a body of N bytes streamed in `chunk=N` byte chunks (default 64 KiB), with a
+//!   Content-Length unless `chunked=1`; `drip_ms=N` waits between chunks.
+//! - `fail_after=N`: send N body bytes, then break the connection (no clean end).
+//! - `hang=1`: never answer.
+//! - `hop=1`: add hop-by-hop response headers (Connection and the header it names, Keep-Alive,
+//!   Proxy-*, Trailer, Upgrade).
+//!
+//! Without `size`, the body is JSON: `{"replica", "method", "path", "headers": [[k, v], ..],
+//! "received"}`: the request as this replica saw it. Every request body is read as a stream and
+//! counted (never buffered); the counts are in [`State`].
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+/// Per-server defaults, changeable while the server runs.
+#[derive(Default)]
+pub struct Settings {
+    /// Delay before every response head, in ms (a query `delay_ms` overrides it).
+    pub delay_ms: AtomicU64,
+}
+
+/// What one request looked like to the replica.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    /// Method.
+    pub method: String,
+    /// Path and query.
+    pub path: String,
+    /// Headers in arrival order, names lower-case.
+    pub headers: Vec<(String, String)>,
+    /// Body bytes received.
+    pub received: u64,
+    /// Whether the body ended cleanly.
+    pub complete: bool,
+}
+
+impl Seen {
+    /// The first value of a header.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Counters of one replica.
+#[derive(Default)]
+pub struct State {
+    /// Requests whose head arrived.
+    pub hits: AtomicU64,
+    /// Requests being handled now.
+    pub in_flight: AtomicI64,
+    /// Request body bytes received, over all requests (counted as they arrive).
+    pub received: AtomicU64,
+    /// Request bodies that ended cleanly.
+    pub bodies_complete: AtomicU64,
+    /// Every request, once its body has been read (or failed).
+    pub seen: Mutex<Vec<Seen>>,
+}
+
+/// A running replica; stops when dropped.
+pub struct Upstream {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Its name (in the JSON it answers).
+    pub name: String,
+    /// Its counters.
+    pub state: Arc<State>,
+    /// Its defaults.
+    pub settings: Arc<Settings>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn bind(rt: &tokio::runtime::Runtime) -> tokio::net::TcpListener {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+    l.set_nonblocking(true).expect("nonblocking");
+    let _enter = rt.enter();
+    tokio::net::TcpListener::from_std(l).expect("tokio listener")
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("upstream runtime")
+}
+
+impl Upstream {
+    /// Starts a replica named `name`.
+    pub fn start(name: &str) -> Upstream {
+        let rt = runtime();
+        let listener = bind(&rt);
+        let addr = listener.local_addr().expect("upstream addr");
+        let state = Arc::new(State::default());
+        let settings = Arc::new(Settings::default());
+        let ctx = Arc::new(Ctx {
+            name: name.to_owned(),
+            state: state.clone(),
+            settings: settings.clone(),
+        });
+        rt.spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let ctx = ctx.clone();
+                        async move { Ok::<_, std::convert::Infallible>(ctx.handle(req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Upstream {
+            addr,
+            name: name.to_owned(),
+            state,
+            settings,
+            runtime: Some(rt),
+        }
+    }
+
+    /// A server that accepts connections and never reads or answers.
+    pub fn hanging() -> Upstream {
+        let rt = runtime();
+        let listener = bind(&rt);
+        let addr = listener.local_addr().expect("addr");
+        let state = Arc::new(State::default());
+        let st = state.clone();
+        rt.spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                st.hits.fetch_add(1, Ordering::SeqCst);
+                held.push(s);
+            }
+        });
+        Upstream {
+            addr,
+            name: "hanging".into(),
+            state,
+            settings: Arc::new(Settings::default()),
+            runtime: Some(rt),
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Requests whose head arrived.
+    pub fn hits(&self) -> u64 {
+        self.state.hits.load(Ordering::SeqCst)
+    }
+
+    /// Every request seen so far (after its body was read).
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().unwrap().clone()
+    }
+}
+
+/// An address where nothing listens: a port bound and released.
+pub fn dead_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+/// A listener whose accept queue is full and never drained, so that new connections hang in
+/// SYN-SENT (Linux drops SYNs to a full queue): a way to get a connect timeout on loopback.
+/// Returns the listener and the connections that fill its queue; keep both alive.
+pub fn full_backlog() -> (socket2::Socket, Vec<std::net::TcpStream>) {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    s.listen(0).expect("listen");
+    let addr = s.local_addr().expect("addr").as_socket().expect("inet");
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            Ok(c) => fillers.push(c),
+            Err(_) => break,
+        }
+    }
+    (s, fillers)
+}
+
+struct Ctx {
+    name: String,
+    state: Arc<State>,
+    settings: Arc<Settings>,
+}
+
+fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+struct InFlightGuard(Arc<State>);
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Ctx {
+    async fn handle(&self, req: Request<Incoming>) -> Response<GenBody> {
+        self.state.hits.fetch_add(1, Ordering::SeqCst);
+        self.state.in_flight.fetch_add(1, Ordering::SeqCst);
+        let _guard = InFlightGuard(self.state.clone());
+        let q = query(&req);
+        let num = |k: &str| q.get(k).and_then(|v| v.parse::<u64>().ok());
+        let method = req.method().to_string();
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/".into(), |p| p.to_string());
+        let headers: Vec<(String, String)> = req
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+
+        let mut body = req.into_body();
+        let mut received = 0u64;
+        let mut complete = true;
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => {
+                    if let Some(d) = f.data_ref() {
+                        received += d.len() as u64;
+                        self.state
+                            .received
+                            .fetch_add(d.len() as u64, Ordering::SeqCst);
+                    }
+                }
+                Err(_) => {
+                    complete = false;
+                    break;
+                }
+            }
+        }
+        if complete {
+            self.state.bodies_complete.fetch_add(1, Ordering::SeqCst);
+        }
+        self.state.seen.lock().unwrap().push(Seen {
+            method: method.clone(),
+            path: path.clone(),
+            headers: headers.clone(),
+            received,
+            complete,
+        });
+
+        if q.contains_key("hang") {
+            std::future::pending::<()>().await;
+        }
+        let delay =
+            num("delay_ms").unwrap_or_else(|| self.settings.delay_ms.load(Ordering::SeqCst));
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        let status = num("status")
+            .and_then(|s| StatusCode::from_u16(s as u16).ok())
+            .unwrap_or(StatusCode::OK);
+
+        let mut resp = match num("size") {
+            Some(size) => {
+                let chunk = num("chunk").unwrap_or(64 << 10).max(1) as usize;
+                let mut r =
+                    Response::new(GenBody::new(size, chunk, num("fail_after"), num("drip_ms")));
+                if !q.contains_key("chunked") {
+                    r.headers_mut()
+                        .insert(http::header::CONTENT_LENGTH, HeaderValue::from(size));
+                }
+                r
+            }
+            None => {
+                let json = serde_json::json!({
+                    "replica": self.name,
+                    "method": method,
+                    "path": path,
+                    "headers": headers,
+                    "received": received,
+                    "complete": complete,
+                });
+                let text = json.to_string();
+                let mut r = Response::new(GenBody::full(Bytes::from(text)));
+                r.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                r
+            }
+        };
+        *resp.status_mut() = status;
+        resp.headers_mut()
+            .insert("x-replica", HeaderValue::from_str(&self.name).unwrap());
+        if q.contains_key("hop") {
+            let h = resp.headers_mut();
+            h.insert("connection", HeaderValue::from_static("x-up-secret"));
+            h.insert("x-up-secret", HeaderValue::from_static("1"));
+            h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+            h.insert("proxy-up", HeaderValue::from_static("1"));
+            h.insert("trailer", HeaderValue::from_static("x-trailer"));
+            h.insert("upgrade", HeaderValue::from_static("foo/1"));
+            h.insert("x-up-keep", HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+/// A generated response body: `size` zero bytes in `chunk`-sized frames, optionally failing
+/// after `fail_after` bytes or waiting `drip` between frames.
+pub struct GenBody {
+    full: Option<Bytes>,
+    remaining: u64,
+    sent: u64,
+    chunk: Bytes,
+    fail_after: Option<u64>,
+    drip: Option<Duration>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl GenBody {
+    fn new(size: u64, chunk: usize, fail_after: Option<u64>, drip_ms: Option<u64>) -> Self {
+        GenBody {
+            full: None,
+            remaining: size,
+            sent: 0,
+            chunk: Bytes::from(vec![b'x'; chunk]),
+            fail_after,
+            drip: drip_ms.map(Duration::from_millis),
+            sleep: None,
+        }
+    }
+
+    fn full(b: Bytes) -> Self {
+        let mut g = GenBody::new(0, 1, None, None);
+        g.full = Some(b);
+        g
+    }
+}
+
+impl Body for GenBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if let Some(b) = this.full.take() {
+            return Poll::Ready(Some(Ok(Frame::data(b))));
+        }
+        if let Some(limit) = this.fail_after
+            && this.sent >= limit
+        {
+            return Poll::Ready(Some(Err(std::io::Error::other(
+                "replica breaks the body on purpose",
+            ))));
+        }
+        if this.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        if let Some(d) = this.drip
+            && this.sent > 0
+        {
+            let sleep = this
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(d)));
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            this.sleep = None;
+        }
+        let mut n = (this.chunk.len() as u64).min(this.remaining);
+        if let Some(limit) = this.fail_after {
+            n = n.min(limit - this.sent);
+        }
+        this.remaining -= n;
+        this.sent += n;
+        Poll::Ready(Some(Ok(Frame::data(this.chunk.slice(..n as usize)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.full.is_none() && self.remaining == 0 && self.fail_after.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.full {
+            Some(b) => SizeHint::with_exact(b.len() as u64),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+use std::future::Future;
