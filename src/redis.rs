@@ -10,6 +10,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Why a Redis command could not be answered.
@@ -18,6 +19,9 @@ pub enum RedisError {
     /// No connection yet (Redis down or still connecting).
     #[error("not connected to Redis")]
     NotConnected,
+    /// A recent command failed; Redis is given a moment before it is tried again.
+    #[error("Redis failed moments ago; not retried yet")]
+    Down,
     /// No answer within the configured timeout.
     #[error("Redis did not answer within {0:?}")]
     Timeout(Duration),
@@ -60,6 +64,52 @@ impl RedisTarget {
     }
 }
 
+/// How long Redis counts as down after a failed command.
+pub const BACKOFF: Duration = Duration::from_millis(250);
+
+struct Health {
+    epoch: std::time::Instant,
+    down_until_ms: AtomicU64,
+}
+
+impl Health {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Whether a command may go to Redis now; past a backoff, one caller wins the probe.
+    fn may_try(&self) -> bool {
+        let until = self.down_until_ms.load(Ordering::Relaxed);
+        if until == 0 {
+            return true;
+        }
+        let now = self.now_ms();
+        now >= until
+            && self
+                .down_until_ms
+                .compare_exchange(
+                    until,
+                    now + BACKOFF.as_millis() as u64,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+
+    fn down(&self) {
+        self.down_until_ms.store(
+            self.now_ms() + BACKOFF.as_millis() as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    fn up(&self) {
+        if self.down_until_ms.load(Ordering::Relaxed) != 0 {
+            self.down_until_ms.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
 #[derive(Clone)]
 enum Conn {
     Single(ConnectionManager),
@@ -67,10 +117,14 @@ enum Conn {
 }
 
 /// A shared, self-reconnecting Redis connection with a per-command timeout.
+///
+/// After a command fails or times out, Redis counts as down for [`BACKOFF`]: commands fail at
+/// once instead of each waiting out the timeout, and then a single command probes it again.
 #[derive(Clone)]
 pub struct Redis {
     conn: Conn,
     timeout: Duration,
+    health: Arc<Health>,
     /// Where it points (compared on reload to keep the connection).
     pub target: RedisTarget,
 }
@@ -115,6 +169,10 @@ impl Redis {
         Ok(Redis {
             conn,
             timeout,
+            health: Arc::new(Health {
+                epoch: std::time::Instant::now(),
+                down_until_ms: AtomicU64::new(0),
+            }),
             target: target.clone(),
         })
     }
@@ -157,10 +215,20 @@ impl Redis {
         &self,
         f: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, RedisError> {
-        match tokio::time::timeout(self.timeout, f).await {
+        if !self.health.may_try() {
+            return Err(RedisError::Down);
+        }
+        let r = match tokio::time::timeout(self.timeout, f).await {
             Ok(r) => r.map_err(RedisError::from),
             Err(_) => Err(RedisError::Timeout(self.timeout)),
+        };
+        match &r {
+            Ok(_) => self.health.up(),
+            Err(RedisError::Command(e))
+                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) => {}
+            Err(_) => self.health.down(),
         }
+        r
     }
 
     /// Runs any command, within the timeout.

@@ -4,10 +4,12 @@
 
 pub mod client;
 pub mod proxy;
+pub mod redis;
 pub mod upstream;
 
 pub use client::*;
 pub use proxy::*;
+pub use redis::*;
 pub use upstream::*;
 
 use std::future::Future;
