@@ -9,6 +9,7 @@ pub mod upstream;
 
 pub use client::*;
 pub use proxy::*;
+#[allow(unused_imports, reason = "only the Redis tests use it")]
 pub use redis::*;
 pub use upstream::*;
 
