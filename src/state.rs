@@ -6,7 +6,7 @@
 //! whose spec did not change, with its connection pool and balancer state.
 
 use crate::config::{Config, ConfigErrors};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RequestCounters};
 use crate::router::Router;
 use crate::upstream::Upstream;
 use arc_swap::ArcSwap;
@@ -19,8 +19,9 @@ pub struct Route {
     pub name: Arc<str>,
     /// Index into [`Snapshot::upstreams`].
     pub upstream: usize,
-    /// Requests-total counters for the common methods and codes are looked up per request;
-    /// the duration histogram is fixed per route.
+    /// Its `palisade_requests_total` children.
+    pub requests: RequestCounters,
+    /// Its `palisade_request_duration_seconds` child.
     pub duration: prometheus::Histogram,
 }
 
@@ -52,10 +53,14 @@ impl Snapshot {
         let routes = config
             .routes
             .iter()
-            .map(|r| Route {
-                name: r.name.as_str().into(),
-                upstream: r.upstream,
-                duration: metrics.request_duration.with_label_values(&[&r.name]),
+            .map(|r| {
+                let name: Arc<str> = r.name.as_str().into();
+                Route {
+                    requests: RequestCounters::new(&metrics.requests, name.clone()),
+                    name,
+                    upstream: r.upstream,
+                    duration: metrics.request_duration.with_label_values(&[&r.name]),
+                }
             })
             .collect();
         Snapshot {

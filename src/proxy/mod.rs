@@ -10,7 +10,7 @@ pub mod headers;
 pub use error::ProxyError;
 
 use crate::body::{AccessRecord, RequestBody, ResponseBody};
-use crate::metrics::method_label;
+use crate::metrics::NO_ROUTE;
 use crate::router::{RouteMatch, normalize_host};
 use crate::server::ConnInfo;
 use crate::state::{Shared, Snapshot};
@@ -20,9 +20,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 const BOTH_LENGTHS: &str = "both Content-Length and Transfer-Encoding are present; send one";
-
-/// Route label for requests that matched no route.
-const NO_ROUTE: &str = "-";
 
 /// Handles one client request from head to response head; the body streams afterwards.
 pub async fn handle(
@@ -37,7 +34,7 @@ pub async fn handle(
         _ => shared.next_request_id(),
     };
     let method = req.method().clone();
-    let uri = req.uri().clone();
+    let uri = snap.config.log.access_log.then(|| req.uri().clone());
     let via = if req.version() == Version::HTTP_2 {
         headers::VIA_H2
     } else {
@@ -58,29 +55,25 @@ pub async fn handle(
     h.insert(&headers::X_REQUEST_ID, request_id.clone());
     h.append(header::VIA, via);
     let status = resp.status();
-    let route_name: Arc<str> = match route {
+    let counters = match route {
         Some(i) => {
             snap.routes[i]
                 .duration
                 .observe(started.elapsed().as_secs_f64());
-            snap.routes[i].name.clone()
+            &snap.routes[i].requests
         }
-        None => Arc::from(NO_ROUTE),
+        None => &shared.metrics.unrouted_requests,
     };
-    shared
-        .metrics
-        .requests
-        .with_label_values(&[&route_name, method_label(&method), status.as_str()])
-        .inc();
+    counters.inc(&method, status);
     let body = resp.body_mut();
     body.track(conn.activity.clone());
-    if snap.config.log.access_log {
+    if let Some(uri) = uri {
         body.log_on_end(Box::new(AccessRecord {
             started,
             client: conn.peer,
             method,
             uri,
-            route: route_name,
+            route: counters.route().clone(),
             replica: replica.unwrap_or_else(|| Arc::from(NO_ROUTE)),
             status: status.as_u16(),
             request_id,
