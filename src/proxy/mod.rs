@@ -274,6 +274,23 @@ fn check_path(uri: &http::Uri) -> Result<(), ProxyError> {
         ));
     }
     // Decode only what could change the path's meaning upstream: dots, slashes and NUL.
+    let decoded = if bytes.contains(&b'%') {
+        std::borrow::Cow::Owned(decode_specials(bytes)?)
+    } else {
+        std::borrow::Cow::Borrowed(bytes)
+    };
+    for seg in decoded.split(|&b| b == b'/' || b == b'\\') {
+        if seg == b"." || seg == b".." {
+            return Err(ProxyError::BadRequest(
+                "dot segments (. or ..) in the request path".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `bytes` with `%2e`, `%2f` and `%5c` decoded; fails on an encoded NUL or a malformed escape.
+fn decode_specials(bytes: &[u8]) -> Result<Vec<u8>, ProxyError> {
     let mut decoded = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
@@ -304,14 +321,7 @@ fn check_path(uri: &http::Uri) -> Result<(), ProxyError> {
         decoded.push(bytes[i]);
         i += 1;
     }
-    for seg in decoded.split(|&b| b == b'/' || b == b'\\') {
-        if seg == b"." || seg == b".." {
-            return Err(ProxyError::BadRequest(
-                "dot segments (. or ..) in the request path".into(),
-            ));
-        }
-    }
-    Ok(())
+    Ok(decoded)
 }
 
 #[cfg(test)]
