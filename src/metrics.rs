@@ -1,8 +1,13 @@
 //! Every Prometheus metric Palisade exports, defined in one place (names as in DESIGN.md).
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
+use std::sync::{Arc, OnceLock};
+
+/// Route label of requests that matched no route.
+pub const NO_ROUTE: &str = "-";
 
 /// Latency buckets in seconds, from 0.5 ms to 30 s.
 const BUCKETS: &[f64] = &[
@@ -14,6 +19,8 @@ pub struct Metrics {
     registry: Registry,
     /// Requests answered, by route, method and status code.
     pub requests: IntCounterVec,
+    /// `requests` of requests that matched no route (route label "-").
+    pub unrouted_requests: RequestCounters,
     /// Time from request head to response head, by route.
     pub request_duration: HistogramVec,
     /// Requests sent to replicas, by upstream, replica and outcome.
@@ -61,12 +68,14 @@ impl Metrics {
                 .expect("unique metric");
             g
         };
+        let requests = counter(
+            "palisade_requests_total",
+            "Requests answered, by route, method and status code.",
+            &["route", "method", "code"],
+        );
         let m = Metrics {
-            requests: counter(
-                "palisade_requests_total",
-                "Requests answered, by route, method and status code.",
-                &["route", "method", "code"],
-            ),
+            unrouted_requests: RequestCounters::new(&requests, Arc::from(NO_ROUTE)),
+            requests,
             request_duration: histogram(
                 "palisade_request_duration_seconds",
                 "Time from a request's head to its response's head.",
@@ -135,18 +144,104 @@ impl Default for Metrics {
     }
 }
 
+/// The `method` label values, in [`method_index`] order.
+const METHOD_LABELS: [&str; 10] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE", "OTHER",
+];
+
+fn method_index(m: &http::Method) -> usize {
+    match *m {
+        http::Method::GET => 0,
+        http::Method::HEAD => 1,
+        http::Method::POST => 2,
+        http::Method::PUT => 3,
+        http::Method::DELETE => 4,
+        http::Method::PATCH => 5,
+        http::Method::OPTIONS => 6,
+        http::Method::CONNECT => 7,
+        http::Method::TRACE => 8,
+        _ => 9,
+    }
+}
+
 /// A bounded label for a request method: the standard ones, or "OTHER".
 pub fn method_label(m: &http::Method) -> &'static str {
-    match *m {
-        http::Method::GET => "GET",
-        http::Method::HEAD => "HEAD",
-        http::Method::POST => "POST",
-        http::Method::PUT => "PUT",
-        http::Method::DELETE => "DELETE",
-        http::Method::PATCH => "PATCH",
-        http::Method::OPTIONS => "OPTIONS",
-        http::Method::CONNECT => "CONNECT",
-        http::Method::TRACE => "TRACE",
-        _ => "OTHER",
+    METHOD_LABELS[method_index(m)]
+}
+
+/// Status codes whose `palisade_requests_total` children [`RequestCounters`] keeps.
+const KEPT_CODES: [u16; 27] = [
+    200, 201, 202, 204, 206, 301, 302, 303, 304, 307, 308, 400, 401, 403, 404, 405, 409, 412, 413,
+    416, 422, 429, 431, 500, 502, 503, 504,
+];
+
+/// `palisade_requests_total` for one route. Each (method, common code) child is looked up by
+/// its labels on first use and then kept, so counting a request hashes no labels; a series
+/// appears in the export only once a request has counted in it, as with a plain lookup.
+pub struct RequestCounters {
+    vec: IntCounterVec,
+    route: Arc<str>,
+    by_method: [OnceLock<Box<[OnceLock<IntCounter>]>>; METHOD_LABELS.len()],
+}
+
+impl RequestCounters {
+    /// Counters of `vec` (`palisade_requests_total`) for the route label `route`.
+    pub fn new(vec: &IntCounterVec, route: Arc<str>) -> RequestCounters {
+        RequestCounters {
+            vec: vec.clone(),
+            route,
+            by_method: Default::default(),
+        }
+    }
+
+    /// The route label.
+    pub fn route(&self) -> &Arc<str> {
+        &self.route
+    }
+
+    /// Counts one answered request.
+    pub fn inc(&self, method: &http::Method, status: http::StatusCode) {
+        let m = method_index(method);
+        let lookup = || {
+            self.vec
+                .with_label_values(&[&self.route, METHOD_LABELS[m], status.as_str()])
+        };
+        match KEPT_CODES.binary_search(&status.as_u16()) {
+            Ok(c) => self.by_method[m]
+                .get_or_init(|| KEPT_CODES.iter().map(|_| OnceLock::new()).collect())[c]
+                .get_or_init(lookup)
+                .inc(),
+            Err(_) => lookup().inc(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{Method, StatusCode};
+
+    #[test]
+    fn kept_codes_are_sorted() {
+        assert!(KEPT_CODES.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn request_counters_count_into_the_labelled_series() {
+        let m = Metrics::new();
+        let c = RequestCounters::new(&m.requests, Arc::from("r"));
+        c.inc(&Method::GET, StatusCode::OK);
+        c.inc(&Method::GET, StatusCode::OK);
+        c.inc(
+            &Method::from_bytes(b"PURGE").unwrap(),
+            StatusCode::from_u16(599).unwrap(),
+        );
+        assert_eq!(m.requests.with_label_values(&["r", "GET", "200"]).get(), 2);
+        assert_eq!(
+            m.requests.with_label_values(&["r", "OTHER", "599"]).get(),
+            1
+        );
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(!text.contains("code=\"404\",method=\"GET\",route=\"r\""));
     }
 }

@@ -6,7 +6,7 @@
 //! whose spec did not change, with its connection pool and balancer state.
 
 use crate::config::{Config, ConfigErrors};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RequestCounters};
 use crate::ratelimit::{Policy, RateLimiter};
 use crate::redis::Redis;
 use crate::router::Router;
@@ -21,7 +21,9 @@ pub struct Route {
     pub name: Arc<str>,
     /// Index into [`Snapshot::upstreams`].
     pub upstream: usize,
-    /// Its request-duration histogram.
+    /// Its `palisade_requests_total` children.
+    pub requests: RequestCounters,
+    /// Its `palisade_request_duration_seconds` child.
     pub duration: prometheus::Histogram,
     /// Its rate-limit policy, if any.
     pub rate_limit: Option<Arc<Policy>>,
@@ -64,13 +66,17 @@ impl Snapshot {
         let routes = config
             .routes
             .iter()
-            .map(|r| Route {
-                name: r.name.as_str().into(),
-                upstream: r.upstream,
-                duration: metrics.request_duration.with_label_values(&[&r.name]),
-                rate_limit: r.rate_limit.map(|i| policies[i].clone()),
-                limit_decisions: ["allowed", "limited"]
-                    .map(|d| metrics.ratelimit_decisions.with_label_values(&[&r.name, d])),
+            .map(|r| {
+                let name: Arc<str> = r.name.as_str().into();
+                Route {
+                    requests: RequestCounters::new(&metrics.requests, name.clone()),
+                    name,
+                    upstream: r.upstream,
+                    duration: metrics.request_duration.with_label_values(&[&r.name]),
+                    rate_limit: r.rate_limit.map(|i| policies[i].clone()),
+                    limit_decisions: ["allowed", "limited"]
+                        .map(|d| metrics.ratelimit_decisions.with_label_values(&[&r.name, d])),
+                }
             })
             .collect();
         let limit_redis = config.rate_limit.redis.as_ref().and_then(|s| {

@@ -4,6 +4,7 @@
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
+use std::fmt::Write;
 use std::net::IpAddr;
 
 /// `Via` value added to requests and responses.
@@ -72,21 +73,39 @@ pub fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
     trusted.iter().any(|n| n.contains(&ip))
 }
 
-fn forwarded_node(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    }
+fn push_forwarded_node(out: &mut String, ip: IpAddr) {
+    let _ = match ip {
+        IpAddr::V4(v4) => write!(out, "{v4}"),
+        IpAddr::V6(v6) => write!(out, "\"[{v6}]\""),
+    };
 }
 
-fn forwarded_value(s: &str) -> String {
+fn push_forwarded_value(out: &mut String, s: &str) {
     if !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
     {
-        s.to_owned()
+        out.push_str(s);
     } else {
-        format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+        out.push('"');
+        for c in s.chars() {
+            if c == '\\' || c == '"' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+    }
+}
+
+/// `prior` and ", " if there is a prior value, else an empty buffer.
+fn extend(prior: Option<String>) -> String {
+    match prior {
+        Some(mut p) => {
+            p.push_str(", ");
+            p
+        }
+        None => String::with_capacity(64),
     }
 }
 
@@ -105,11 +124,8 @@ pub fn set_forwarding(
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, IpAddr::V4),
         v4 => v4,
     };
-    let peer_s = peer.to_string();
-    let xff = match (trusted, joined(h, &X_FORWARDED_FOR)) {
-        (true, Some(prior)) => format!("{prior}, {peer_s}"),
-        _ => peer_s,
-    };
+    let mut xff = extend(trusted.then(|| joined(h, &X_FORWARDED_FOR)).flatten());
+    let _ = write!(xff, "{peer}");
     if let Ok(v) = HeaderValue::from_str(&xff) {
         h.insert(&X_FORWARDED_FOR, v);
     }
@@ -121,15 +137,13 @@ pub fn set_forwarding(
     {
         h.insert(&X_FORWARDED_HOST, v);
     }
-    let element = format!(
-        "for={};host={};proto={proto}",
-        forwarded_node(peer),
-        forwarded_value(host)
-    );
-    let fwd = match (trusted, joined(h, &header::FORWARDED)) {
-        (true, Some(prior)) => format!("{prior}, {element}"),
-        _ => element,
-    };
+    let mut fwd = extend(trusted.then(|| joined(h, &header::FORWARDED)).flatten());
+    fwd.push_str("for=");
+    push_forwarded_node(&mut fwd, peer);
+    fwd.push_str(";host=");
+    push_forwarded_value(&mut fwd, host);
+    fwd.push_str(";proto=");
+    fwd.push_str(proto);
     if let Ok(v) = HeaderValue::from_str(&fwd) {
         h.insert(header::FORWARDED, v);
     }

@@ -10,7 +10,7 @@ pub mod headers;
 pub use error::ProxyError;
 
 use crate::body::{AccessRecord, RequestBody, ResponseBody};
-use crate::metrics::method_label;
+use crate::metrics::NO_ROUTE;
 use crate::ratelimit::gcra::Decision;
 use crate::ratelimit::{OnError, Policy, identity};
 use crate::router::{RouteMatch, normalize_host};
@@ -22,9 +22,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const BOTH_LENGTHS: &str = "both Content-Length and Transfer-Encoding are present; send one";
-
-/// Route label for requests that matched no route.
-const NO_ROUTE: &str = "-";
 
 /// Handles one client request from head to response head; the body streams afterwards.
 pub async fn handle(
@@ -39,7 +36,7 @@ pub async fn handle(
         _ => shared.next_request_id(),
     };
     let method = req.method().clone();
-    let uri = req.uri().clone();
+    let uri = snap.config.log.access_log.then(|| req.uri().clone());
     let via = if req.version() == Version::HTTP_2 {
         headers::VIA_H2
     } else {
@@ -60,29 +57,25 @@ pub async fn handle(
     h.insert(&headers::X_REQUEST_ID, request_id.clone());
     h.append(header::VIA, via);
     let status = resp.status();
-    let route_name: Arc<str> = match route {
+    let counters = match route {
         Some(i) => {
             snap.routes[i]
                 .duration
                 .observe(started.elapsed().as_secs_f64());
-            snap.routes[i].name.clone()
+            &snap.routes[i].requests
         }
-        None => Arc::from(NO_ROUTE),
+        None => &shared.metrics.unrouted_requests,
     };
-    shared
-        .metrics
-        .requests
-        .with_label_values(&[&route_name, method_label(&method), status.as_str()])
-        .inc();
+    counters.inc(&method, status);
     let body = resp.body_mut();
     body.track(conn.activity.clone());
-    if snap.config.log.access_log {
+    if let Some(uri) = uri {
         body.log_on_end(Box::new(AccessRecord {
             started,
             client: conn.peer,
             method,
             uri,
-            route: route_name,
+            route: counters.route().clone(),
             replica: replica.unwrap_or_else(|| Arc::from(NO_ROUTE)),
             status: status.as_u16(),
             request_id,
@@ -364,6 +357,23 @@ fn check_path(uri: &http::Uri) -> Result<(), ProxyError> {
         ));
     }
     // Decode only what could change the path's meaning upstream: dots, slashes and NUL.
+    let decoded = if bytes.contains(&b'%') {
+        std::borrow::Cow::Owned(decode_specials(bytes)?)
+    } else {
+        std::borrow::Cow::Borrowed(bytes)
+    };
+    for seg in decoded.split(|&b| b == b'/' || b == b'\\') {
+        if seg == b"." || seg == b".." {
+            return Err(ProxyError::BadRequest(
+                "dot segments (. or ..) in the request path".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `bytes` with `%2e`, `%2f` and `%5c` decoded; fails on an encoded NUL or a malformed escape.
+fn decode_specials(bytes: &[u8]) -> Result<Vec<u8>, ProxyError> {
     let mut decoded = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
@@ -394,14 +404,7 @@ fn check_path(uri: &http::Uri) -> Result<(), ProxyError> {
         decoded.push(bytes[i]);
         i += 1;
     }
-    for seg in decoded.split(|&b| b == b'/' || b == b'\\') {
-        if seg == b"." || seg == b".." {
-            return Err(ProxyError::BadRequest(
-                "dot segments (. or ..) in the request path".into(),
-            ));
-        }
-    }
-    Ok(())
+    Ok(decoded)
 }
 
 #[cfg(test)]
