@@ -6,7 +6,7 @@
 //! counters and the access-log record — and settles them when the body ends or is dropped.
 
 use crate::server::ConnActivity;
-use crate::upstream::InFlight;
+use crate::upstream::{InFlight, PooledConn};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -150,6 +150,7 @@ pub struct ResponseBody {
     bytes: u64,
     done: bool,
     in_flight: Option<InFlight>,
+    upstream_conn: Option<PooledConn>,
     conn: Option<Arc<ConnActivity>>,
     log: Option<Box<AccessRecord>>,
 }
@@ -163,6 +164,7 @@ impl ResponseBody {
             bytes: 0,
             done: false,
             in_flight: None,
+            upstream_conn: None,
             conn: None,
             log: None,
         }
@@ -180,10 +182,16 @@ impl ResponseBody {
 
     /// An upstream's body, failing if it stalls for `stall_timeout`; holds the replica's
     /// in-flight count until it ends.
-    pub fn upstream(inner: Incoming, stall_timeout: Duration, in_flight: InFlight) -> Self {
+    pub fn upstream(
+        inner: Incoming,
+        stall_timeout: Duration,
+        in_flight: InFlight,
+        conn: PooledConn,
+    ) -> Self {
         let mut b = Self::with(Source::Upstream(inner));
         b.stall_timeout = stall_timeout;
         b.in_flight = Some(in_flight);
+        b.upstream_conn = Some(conn);
         b
     }
 
@@ -198,7 +206,14 @@ impl ResponseBody {
         self.log = Some(record);
     }
 
-    fn finish(&mut self) {
+    /// Settles the counters; the upstream connection goes back to its pool only if the body
+    /// ended whole.
+    fn finish(&mut self, whole: bool) {
+        if let Some(c) = self.upstream_conn.take()
+            && whole
+        {
+            c.release();
+        }
         if !self.done {
             self.done = true;
             self.in_flight = None;
@@ -212,7 +227,7 @@ impl ResponseBody {
 impl Drop for ResponseBody {
     fn drop(&mut self) {
         let complete = self.done || self.is_end_stream();
-        self.finish();
+        self.finish(complete);
         if let Some(log) = self.log.take() {
             log.write(self.bytes, complete);
         }
@@ -237,7 +252,8 @@ impl Body for ResponseBody {
                         .stall
                         .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                     ready!(stall.as_mut().poll(cx));
-                    this.done = true;
+                    this.in_flight = None;
+                    this.upstream_conn = None;
                     return Poll::Ready(Some(Err(BodyError::UpstreamStalled(timeout))));
                 }
                 Poll::Ready(r) => {
@@ -256,10 +272,11 @@ impl Body for ResponseBody {
                     this.bytes += d.len() as u64;
                 }
             }
-            Poll::Ready(None) => this.finish(),
+            Poll::Ready(None) => this.finish(true),
             Poll::Ready(Some(Err(_))) => {
                 // The stream is broken: the log line says incomplete.
                 this.in_flight = None;
+                this.upstream_conn = None;
             }
             Poll::Pending => {}
         }

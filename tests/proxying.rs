@@ -316,6 +316,61 @@ async fn hanging_server_is_504() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_reused_and_broken_ones_dropped() {
+    bounded(30, async {
+        let up = Upstream::start("a");
+        let p = Palisade::start(&simple_config("", "", &[up.url()])).await;
+        let client = http1();
+        for i in 0..10 {
+            assert_eq!(
+                get(&client, &p.url(&format!("/k/{i}?size=5000")), &[])
+                    .await
+                    .status,
+                200
+            );
+            let head = send(&client, Request::head(p.url("/h")).body(empty()).unwrap()).await;
+            assert_eq!(head.status, 200);
+            let empty_body = get(&client, &p.url("/e?status=204"), &[]).await;
+            assert_eq!(empty_body.status, 204);
+            let post = send(
+                &client,
+                Request::post(p.url("/p")).body(full("hello")).unwrap(),
+            )
+            .await;
+            assert_eq!(post.status, 200);
+        }
+        assert_eq!(up.hits(), 40);
+        assert_eq!(
+            up.state.connections.load(Ordering::SeqCst),
+            1,
+            "40 sequential requests share one upstream connection"
+        );
+        // A response cut mid-body takes its connection with it; the next request opens another.
+        let resp = client
+            .request(
+                Request::get(p.url("/cut?size=200000&chunk=1000&fail_after=50000&drip_ms=1"))
+                    .body(empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        if resp.status() != 200 {
+            let b = http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            panic!("{}", String::from_utf8_lossy(&b));
+        }
+        let (_, err) = count_body(resp.into_body()).await;
+        assert!(err.is_some(), "a cut body ends in an error");
+        let client = http1();
+        assert_eq!(get(&client, &p.url("/after"), &[]).await.status, 200);
+        assert_eq!(up.state.connections.load(Ordering::SeqCst), 2);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_closing_mid_body_is_never_a_complete_response() {
     bounded(30, async {
         let up = Upstream::start("flaky");

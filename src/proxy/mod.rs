@@ -185,7 +185,7 @@ async fn forward(
     } else {
         RequestBody::new(body, server.max_request_body)
     };
-    let upstream_resp = upstream
+    let (upstream_resp, upstream_conn) = upstream
         .send(&replica, Request::from_parts(parts, body))
         .await
         .map_err(|e| (ProxyError::from(e), Some(route)))?;
@@ -199,7 +199,7 @@ async fn forward(
             .insert(headers::RATELIMIT_POLICY.clone(), policy);
         parts.headers.insert(headers::RATELIMIT.clone(), state);
     }
-    let body = ResponseBody::upstream(body, upstream.spec.timeout, in_flight);
+    let body = ResponseBody::upstream(body, upstream.spec.timeout, in_flight, upstream_conn);
     Ok((
         Response::from_parts(parts, body),
         Some(route),

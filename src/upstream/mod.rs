@@ -1,16 +1,16 @@
-//! Upstreams: each a set of replicas behind one pooled HTTP client, with a balancer that picks
+//! Upstreams: each a set of replicas, each with its pool of keep-alive connections, with a balancer that picks
 //! the replica for each request and the timeouts that turn a slow replica into a clear error.
 
 mod balancer;
+mod pool;
+
+pub use pool::PooledConn;
 
 use crate::body::{BodyError, RequestBody};
 use crate::config::{Balance, UpstreamSpec};
 use crate::metrics::Metrics;
-use http::uri::{Authority, Scheme};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use pool::{Pool, PoolError};
 use prometheus::{Histogram, IntCounter};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -55,7 +55,7 @@ pub enum UpstreamError {
 pub struct Replica {
     /// Base URL, `http://host:port`.
     pub url: Arc<str>,
-    authority: Authority,
+    pool: Arc<Pool>,
     in_flight: AtomicUsize,
     ok: IntCounter,
     connect_errors: IntCounter,
@@ -99,7 +99,6 @@ pub struct Upstream {
     /// Its replicas, in config order.
     pub replicas: Vec<Arc<Replica>>,
     next: AtomicUsize,
-    client: Client<HttpConnector, RequestBody>,
 }
 
 impl Upstream {
@@ -109,11 +108,7 @@ impl Upstream {
             .replicas
             .iter()
             .map(|url| {
-                let authority: Authority = url
-                    .strip_prefix("http://")
-                    .unwrap_or(url)
-                    .parse()
-                    .expect("validated replica URL");
+                let authority = url.strip_prefix("http://").unwrap_or(url);
                 let outcome = |o: &str| {
                     metrics
                         .upstream_requests
@@ -121,7 +116,7 @@ impl Upstream {
                 };
                 Arc::new(Replica {
                     url: url.as_str().into(),
-                    authority,
+                    pool: Pool::new(authority, spec.connect_timeout),
                     in_flight: AtomicUsize::new(0),
                     ok: outcome("ok"),
                     connect_errors: outcome("connect_error"),
@@ -133,21 +128,10 @@ impl Upstream {
                 })
             })
             .collect();
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(spec.connect_timeout));
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .pool_timer(hyper_util::rt::TokioTimer::new())
-            .timer(hyper_util::rt::TokioTimer::new())
-            .build(connector);
         Upstream {
             spec: spec.clone(),
             replicas,
             next: AtomicUsize::new(0),
-            client,
         }
     }
 
@@ -166,23 +150,24 @@ impl Upstream {
         &self,
         replica: &Replica,
         mut req: http::Request<RequestBody>,
-    ) -> Result<http::Response<Incoming>, UpstreamError> {
-        let mut parts = std::mem::take(req.uri_mut()).into_parts();
-        parts.scheme = Some(Scheme::HTTP);
-        parts.authority = Some(replica.authority.clone());
-        if parts.path_and_query.is_none() {
-            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    ) -> Result<(http::Response<Incoming>, PooledConn), UpstreamError> {
+        if req.uri().scheme().is_some() || req.uri().path_and_query().is_none() {
+            let path = req
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or(http::uri::PathAndQuery::from_static("/"));
+            *req.uri_mut() = http::Uri::from(path);
         }
-        *req.uri_mut() = http::Uri::from_parts(parts).expect("scheme, authority and path are set");
         let started = Instant::now();
-        let result = tokio::time::timeout(self.spec.timeout, self.client.request(req)).await;
+        let result = tokio::time::timeout(self.spec.timeout, replica.pool.send(req)).await;
         match result {
-            Ok(Ok(resp)) => {
+            Ok(Ok(answer)) => {
                 replica.ok.inc();
                 replica.duration.observe(started.elapsed().as_secs_f64());
-                Ok(resp)
+                Ok(answer)
             }
-            Ok(Err(e)) => Err(self.classify(replica, e)),
+            Ok(Err(e)) => Err(Self::classify(replica, e)),
             Err(_) => {
                 replica.timeouts.inc();
                 Err(UpstreamError::Timeout {
@@ -193,7 +178,7 @@ impl Upstream {
         }
     }
 
-    fn classify(&self, replica: &Replica, e: hyper_util::client::legacy::Error) -> UpstreamError {
+    fn classify(replica: &Replica, e: PoolError) -> UpstreamError {
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
         while let Some(s) = source {
             if let Some(BodyError::TooLarge { limit }) = s.downcast_ref::<BodyError>() {
@@ -201,18 +186,20 @@ impl Upstream {
             }
             source = s.source();
         }
-        let reason = error_chain(&e);
-        if e.is_connect() {
-            replica.connect_errors.inc();
-            UpstreamError::Connect {
-                replica: replica.url.clone(),
-                reason,
+        match e {
+            PoolError::Connect(reason) => {
+                replica.connect_errors.inc();
+                UpstreamError::Connect {
+                    replica: replica.url.clone(),
+                    reason,
+                }
             }
-        } else {
-            replica.errors.inc();
-            UpstreamError::Failed {
-                replica: replica.url.clone(),
-                reason,
+            PoolError::Http(e) => {
+                replica.errors.inc();
+                UpstreamError::Failed {
+                    replica: replica.url.clone(),
+                    reason: error_chain(&e),
+                }
             }
         }
     }

@@ -64,6 +64,8 @@ impl Seen {
 /// Counters of one replica.
 #[derive(Default)]
 pub struct State {
+    /// Connections accepted.
+    pub connections: AtomicU64,
     /// Requests whose head arrived.
     pub hits: AtomicU64,
     /// Requests being handled now.
@@ -130,6 +132,7 @@ impl Upstream {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                ctx.state.connections.fetch_add(1, Ordering::SeqCst);
                 let _ = stream.set_nodelay(true);
                 let ctx = ctx.clone();
                 tokio::spawn(async move {

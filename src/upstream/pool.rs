@@ -1,0 +1,148 @@
+//! Keep-alive HTTP/1 connections to one replica.
+//!
+//! Idle connections wait on a stack (most recently used first, so a few warm connections do
+//! the work). A request takes one, or opens a new one within `connect_timeout`; its response
+//! body hands the connection back when it ends whole ([`PooledConn::release`]). A connection
+//! whose response was cut short is dropped, and with it the socket. Nothing runs per request
+//! but the request itself: no pool task, no boxed futures, no hashing.
+
+use crate::body::RequestBody;
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Why a pooled request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// Opening a connection failed or took longer than `connect_timeout`.
+    #[error("{0}")]
+    Connect(String),
+    /// The exchange on an open connection failed.
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+}
+
+struct Idle {
+    sender: http1::SendRequest<RequestBody>,
+    since: Instant,
+}
+
+/// The connections of one replica.
+pub struct Pool {
+    authority: String,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_idle: usize,
+    idle: Mutex<Vec<Idle>>,
+}
+
+/// A connection lent to one request; give it back with [`PooledConn::release`].
+pub struct PooledConn {
+    sender: http1::SendRequest<RequestBody>,
+    pool: Arc<Pool>,
+}
+
+impl PooledConn {
+    /// Returns the connection to its pool (its response ended whole).
+    pub fn release(self) {
+        if self.sender.is_closed() {
+            return;
+        }
+        let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < self.pool.max_idle {
+            idle.push(Idle {
+                sender: self.sender,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+impl Pool {
+    /// A pool for `host:port`.
+    pub fn new(authority: &str, connect_timeout: Duration) -> Arc<Pool> {
+        Arc::new(Pool {
+            authority: authority.to_owned(),
+            connect_timeout,
+            idle_timeout: Duration::from_secs(60),
+            max_idle: 1024,
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn checkout(&self) -> Option<http1::SendRequest<RequestBody>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(c) = idle.pop() {
+            if !c.sender.is_closed() && c.since.elapsed() < self.idle_timeout {
+                return Some(c.sender);
+            }
+        }
+        None
+    }
+
+    async fn connect(&self) -> Result<http1::SendRequest<RequestBody>, PoolError> {
+        let stream = tokio::time::timeout(
+            self.connect_timeout,
+            tokio::net::TcpStream::connect(&self.authority),
+        )
+        .await
+        .map_err(|_| {
+            PoolError::Connect(format!(
+                "connect timeout: deadline has elapsed after {:?}",
+                self.connect_timeout
+            ))
+        })?
+        .map_err(|e| PoolError::Connect(format!("tcp connect error: {e}")))?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| PoolError::Connect(format!("handshake: {e}")))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Sends a request on an idle connection or a new one. A request that an idle connection
+    /// closed before it was sent goes once more on a fresh connection (nothing reached the
+    /// replica, so this is safe for any method).
+    pub async fn send(
+        self: &Arc<Self>,
+        mut req: http::Request<RequestBody>,
+    ) -> Result<(http::Response<Incoming>, PooledConn), PoolError> {
+        loop {
+            let (mut sender, reused) = match self.checkout() {
+                Some(s) => (s, true),
+                None => (self.connect().await?, false),
+            };
+            if sender.ready().await.is_err() {
+                if reused {
+                    continue;
+                }
+                return Err(PoolError::Connect(
+                    "the new connection closed at once".into(),
+                ));
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    return Ok((
+                        resp,
+                        PooledConn {
+                            sender,
+                            pool: self.clone(),
+                        },
+                    ));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => req = unsent,
+                    _ => return Err(PoolError::Http(e.into_error())),
+                },
+            }
+        }
+    }
+}
