@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 /// Why a body stopped early.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
+    /// The client sent its body too slowly to be kept for retries.
+    #[error("request body did not arrive within {0:?}")]
+    ClientStalled(Duration),
     /// The client sent more than `max_request_body`.
     #[error("request body exceeds the limit of {limit} bytes")]
     TooLarge {
@@ -32,9 +35,12 @@ pub enum BodyError {
     Transport(#[from] hyper::Error),
 }
 
-/// A client's request body, failing once more than `limit` bytes have arrived.
+/// A client's request body: streamed, failing once more than `limit` bytes have arrived; or
+/// kept whole in memory (a small body that may be sent again on a retry).
 pub struct RequestBody {
     inner: Option<Incoming>,
+    kept: Option<Bytes>,
+    pending: Option<Bytes>,
     seen: u64,
     limit: u64,
 }
@@ -44,6 +50,8 @@ impl RequestBody {
     pub fn new(inner: Incoming, limit: u64) -> Self {
         RequestBody {
             inner: Some(inner),
+            kept: None,
+            pending: None,
             seen: 0,
             limit,
         }
@@ -51,10 +59,49 @@ impl RequestBody {
 
     /// A body with nothing in it.
     pub fn empty() -> Self {
+        Self::kept(Bytes::new())
+    }
+
+    /// A body held in memory, which can be replayed.
+    pub fn kept(bytes: Bytes) -> Self {
         RequestBody {
             inner: None,
+            kept: Some(bytes.clone()),
+            pending: (!bytes.is_empty()).then_some(bytes),
             seen: 0,
             limit: 0,
+        }
+    }
+
+    /// The same body again, if it is held in memory.
+    pub fn replay(&self) -> Option<RequestBody> {
+        self.kept.clone().map(RequestBody::kept)
+    }
+
+    /// Reads a client's body of `len` bytes (its Content-Length) into memory, waiting at most
+    /// `timeout` for all of it.
+    pub async fn read_kept(
+        mut inner: Incoming,
+        len: u64,
+        timeout: Duration,
+    ) -> Result<RequestBody, BodyError> {
+        use http_body_util::BodyExt;
+        let read = async {
+            let mut buf = bytes::BytesMut::with_capacity(len as usize);
+            while let Some(frame) = inner.frame().await {
+                if let Some(d) = frame?.data_ref() {
+                    if (buf.len() + d.len()) as u64 > len {
+                        return Err(BodyError::TooLarge { limit: len });
+                    }
+                    buf.extend_from_slice(d);
+                }
+            }
+            Ok(buf.freeze())
+        };
+        match tokio::time::timeout(timeout, read).await {
+            Ok(Ok(bytes)) => Ok(RequestBody::kept(bytes)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(BodyError::ClientStalled(timeout)),
         }
     }
 }
@@ -68,6 +115,9 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
+        if let Some(b) = this.pending.take() {
+            return Poll::Ready(Some(Ok(Frame::data(b))));
+        }
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
@@ -88,10 +138,13 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+        self.pending.is_none() && self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
+        if let Some(b) = &self.pending {
+            return SizeHint::with_exact(b.len() as u64);
+        }
         self.inner
             .as_ref()
             .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())

@@ -3,7 +3,8 @@
 //!
 //! A request loads the snapshot once and keeps it to the end, so in-flight requests finish on
 //! the config they started with. A reload builds a new snapshot and carries over each upstream
-//! whose spec did not change, with its connection pool and balancer state.
+//! whose spec did not change, with its connection pool, balancer state and health checks; a
+//! changed upstream takes over each replica with an unchanged URL (health, circuit, EWMA).
 
 use crate::config::{Config, ConfigErrors};
 use crate::metrics::Metrics;
@@ -50,10 +51,12 @@ impl Snapshot {
             .upstreams
             .iter()
             .map(|spec| {
-                previous
-                    .and_then(|p| p.upstreams.iter().find(|u| u.spec == *spec))
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(Upstream::new(spec, metrics)))
+                let same_name =
+                    previous.and_then(|p| p.upstreams.iter().find(|u| u.spec.name == spec.name));
+                match same_name {
+                    Some(u) if u.spec == *spec => u.clone(),
+                    other => Upstream::start(spec, other.map(|u| &**u), metrics),
+                }
             })
             .collect();
         let policies: Vec<Arc<Policy>> = config
