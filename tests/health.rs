@@ -375,3 +375,36 @@ async fn no_replica_available_is_503_at_once_and_panic_mode_tries_them_all() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hash_keeps_a_key_on_its_replica() {
+    bounded(30, async {
+        let ups: Vec<Upstream> = ["a", "b", "c"].iter().map(|n| Upstream::start(n)).collect();
+        let urls: Vec<String> = ups.iter().map(|u| u.url()).collect();
+        let config = simple_config(
+            "",
+            "balance = \"consistent_hash\"\nhash_on = \"header:X-User\"",
+            &urls,
+        );
+        let p = Palisade::start(&config).await;
+        let client = http1();
+        let mut owners = std::collections::BTreeMap::new();
+        for user in 0..30 {
+            let user = format!("user-{user}");
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..3 {
+                let r = get(&client, &p.url("/x"), &[("x-user", &user)]).await;
+                assert_eq!(r.status, 200);
+                seen.insert(r.json()["replica"].as_str().unwrap().to_owned());
+            }
+            assert_eq!(seen.len(), 1, "{user} went to {seen:?}");
+            *owners.entry(seen.pop_first().unwrap()).or_insert(0) += 1;
+        }
+        assert_eq!(
+            owners.len(),
+            3,
+            "30 keys spread over every replica: {owners:?}"
+        );
+    })
+    .await;
+}
