@@ -47,7 +47,7 @@ pub struct Snapshot {
 impl Snapshot {
     /// Compiles a config, reusing upstreams of `previous` whose spec is unchanged.
     pub fn build(config: Config, previous: Option<&Snapshot>, metrics: &Metrics) -> Snapshot {
-        let upstreams = config
+        let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
             .map(|spec| {
@@ -59,6 +59,9 @@ impl Snapshot {
                 }
             })
             .collect();
+        if let Some(p) = previous {
+            forget_removed_replicas(p, &upstreams, metrics);
+        }
         let policies: Vec<Arc<Policy>> = config
             .rate_limit_policies
             .iter()
@@ -95,6 +98,22 @@ impl Snapshot {
             upstreams,
             limit_redis,
             config: Arc::new(config),
+        }
+    }
+}
+
+/// Drops the gauges of replicas a reload removed, so that they do not linger as stale series.
+fn forget_removed_replicas(previous: &Snapshot, now: &[Arc<Upstream>], metrics: &Metrics) {
+    for old in &previous.upstreams {
+        for r in &old.replicas {
+            let kept = now
+                .iter()
+                .any(|u| u.spec.name == old.spec.name && u.replicas.iter().any(|n| n.url == r.url));
+            if !kept {
+                let labels = [old.spec.name.as_str(), &*r.url];
+                let _ = metrics.replica_healthy.remove_label_values(&labels);
+                let _ = metrics.circuit_state.remove_label_values(&labels);
+            }
         }
     }
 }
