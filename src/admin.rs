@@ -1,4 +1,5 @@
-//! The admin listener (default 127.0.0.1:9901): `/metrics`, `/healthz`, `/readyz`, `/admin/*`.
+//! The admin listener (default 127.0.0.1:9901): `/metrics`, `/healthz`, `/readyz`,
+//! `/admin/upstreams` (replica health, circuits, load).
 //!
 //! It is a separate socket from the public listeners, so no public request can reach it. When
 //! `admin.token` is set, every path but the health checks needs `Authorization: Bearer TOKEN`.
@@ -100,12 +101,48 @@ fn respond(shared: &Shared, req: Request<Incoming>) -> Response<ResponseBody> {
             );
             r
         }
-        (_, "/metrics") => error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+        (&Method::GET, "/admin/upstreams") => json(StatusCode::OK, upstreams(&snap)),
+        (_, "/metrics" | "/admin/upstreams") => error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
         _ => error(
             StatusCode::NOT_FOUND,
-            "unknown admin path; try /metrics, /healthz or /readyz",
+            "unknown admin path; try /metrics, /healthz, /readyz or /admin/upstreams",
         ),
     }
+}
+
+/// `/admin/upstreams`: every upstream and, per replica, its health, circuit, in-flight
+/// requests and latency EWMA.
+fn upstreams(snap: &crate::state::Snapshot) -> serde_json::Value {
+    let now = std::time::Instant::now();
+    let list: Vec<serde_json::Value> = snap
+        .upstreams
+        .iter()
+        .map(|u| {
+            let replicas: Vec<serde_json::Value> = u
+                .replicas
+                .iter()
+                .map(|r| {
+                    serde_json::json!({
+                        "url": &*r.url,
+                        "healthy": r.health.is_healthy(),
+                        "circuit": r.breaker.state().as_str(),
+                        "available": r.is_available(&u.spec, now),
+                        "in_flight": r.in_flight(),
+                        "ewma_ms": (r.ewma_ms() * 1000.0).round() / 1000.0,
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "name": u.spec.name,
+                "balance": u.spec.balance.as_str(),
+                "health_checks": u.spec.health.is_some(),
+                "circuit_breaker": u.spec.circuit_breaker.is_some(),
+                "panic": u.in_panic(now),
+                "replicas": replicas,
+            })
+        })
+        .collect();
+    serde_json::json!({ "upstreams": list })
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -6,7 +6,7 @@
 //! counters and the access-log record — and settles them when the body ends or is dropped.
 
 use crate::server::ConnActivity;
-use crate::upstream::{InFlight, PooledConn};
+use crate::upstream::InFlight;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 /// Why a body stopped early.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
+    /// The client sent its body too slowly to be kept for retries.
+    #[error("request body did not arrive within {0:?}")]
+    ClientStalled(Duration),
     /// The client sent more than `max_request_body`.
     #[error("request body exceeds the limit of {limit} bytes")]
     TooLarge {
@@ -32,9 +35,12 @@ pub enum BodyError {
     Transport(#[from] hyper::Error),
 }
 
-/// A client's request body, failing once more than `limit` bytes have arrived.
+/// A client's request body: streamed, failing once more than `limit` bytes have arrived; or
+/// kept whole in memory (a small body that may be sent again on a retry).
 pub struct RequestBody {
     inner: Option<Incoming>,
+    kept: Option<Bytes>,
+    pending: Option<Bytes>,
     seen: u64,
     limit: u64,
 }
@@ -44,6 +50,8 @@ impl RequestBody {
     pub fn new(inner: Incoming, limit: u64) -> Self {
         RequestBody {
             inner: Some(inner),
+            kept: None,
+            pending: None,
             seen: 0,
             limit,
         }
@@ -51,10 +59,49 @@ impl RequestBody {
 
     /// A body with nothing in it.
     pub fn empty() -> Self {
+        Self::kept(Bytes::new())
+    }
+
+    /// A body held in memory, which can be replayed.
+    pub fn kept(bytes: Bytes) -> Self {
         RequestBody {
             inner: None,
+            kept: Some(bytes.clone()),
+            pending: (!bytes.is_empty()).then_some(bytes),
             seen: 0,
             limit: 0,
+        }
+    }
+
+    /// The same body again, if it is held in memory.
+    pub fn replay(&self) -> Option<RequestBody> {
+        self.kept.clone().map(RequestBody::kept)
+    }
+
+    /// Reads a client's body of `len` bytes (its Content-Length) into memory, waiting at most
+    /// `timeout` for all of it.
+    pub async fn read_kept(
+        mut inner: Incoming,
+        len: u64,
+        timeout: Duration,
+    ) -> Result<RequestBody, BodyError> {
+        use http_body_util::BodyExt;
+        let read = async {
+            let mut buf = bytes::BytesMut::with_capacity(len as usize);
+            while let Some(frame) = inner.frame().await {
+                if let Some(d) = frame?.data_ref() {
+                    if (buf.len() + d.len()) as u64 > len {
+                        return Err(BodyError::TooLarge { limit: len });
+                    }
+                    buf.extend_from_slice(d);
+                }
+            }
+            Ok(buf.freeze())
+        };
+        match tokio::time::timeout(timeout, read).await {
+            Ok(Ok(bytes)) => Ok(RequestBody::kept(bytes)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(BodyError::ClientStalled(timeout)),
         }
     }
 }
@@ -68,6 +115,9 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
+        if let Some(b) = this.pending.take() {
+            return Poll::Ready(Some(Ok(Frame::data(b))));
+        }
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
@@ -88,10 +138,13 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+        self.pending.is_none() && self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
+        if let Some(b) = &self.pending {
+            return SizeHint::with_exact(b.len() as u64);
+        }
         self.inner
             .as_ref()
             .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
@@ -150,7 +203,6 @@ pub struct ResponseBody {
     bytes: u64,
     done: bool,
     in_flight: Option<InFlight>,
-    upstream_conn: Option<PooledConn>,
     conn: Option<Arc<ConnActivity>>,
     log: Option<Box<AccessRecord>>,
 }
@@ -164,7 +216,6 @@ impl ResponseBody {
             bytes: 0,
             done: false,
             in_flight: None,
-            upstream_conn: None,
             conn: None,
             log: None,
         }
@@ -182,16 +233,10 @@ impl ResponseBody {
 
     /// An upstream's body, failing if it stalls for `stall_timeout`; holds the replica's
     /// in-flight count until it ends.
-    pub fn upstream(
-        inner: Incoming,
-        stall_timeout: Duration,
-        in_flight: InFlight,
-        conn: PooledConn,
-    ) -> Self {
+    pub fn upstream(inner: Incoming, stall_timeout: Duration, in_flight: InFlight) -> Self {
         let mut b = Self::with(Source::Upstream(inner));
         b.stall_timeout = stall_timeout;
         b.in_flight = Some(in_flight);
-        b.upstream_conn = Some(conn);
         b
     }
 
@@ -209,10 +254,8 @@ impl ResponseBody {
     /// Settles the counters; the upstream connection goes back to its pool only if the body
     /// ended whole.
     fn finish(&mut self, whole: bool) {
-        if let Some(c) = self.upstream_conn.take()
-            && whole
-        {
-            c.release();
+        if whole && let Some(f) = self.in_flight.as_mut() {
+            f.release_connection();
         }
         if !self.done {
             self.done = true;
@@ -253,7 +296,6 @@ impl Body for ResponseBody {
                         .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                     ready!(stall.as_mut().poll(cx));
                     this.in_flight = None;
-                    this.upstream_conn = None;
                     return Poll::Ready(Some(Err(BodyError::UpstreamStalled(timeout))));
                 }
                 Poll::Ready(r) => {
@@ -276,7 +318,6 @@ impl Body for ResponseBody {
             Poll::Ready(Some(Err(_))) => {
                 // The stream is broken: the log line says incomplete.
                 this.in_flight = None;
-                this.upstream_conn = None;
             }
             Poll::Pending => {}
         }

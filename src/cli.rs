@@ -164,6 +164,31 @@ pub fn summary(c: &Config) -> String {
             u.timeout,
             u.replicas.join(" ")
         );
+        let mut extras = Vec::new();
+        if let Some(h) = &u.health {
+            extras.push(format!("health {} every {:?}", h.path, h.interval));
+        }
+        if let Some(b) = &u.circuit_breaker {
+            extras.push(format!(
+                "circuit breaker after {} failures or {}% (open {:?})",
+                b.consecutive_failures,
+                b.failure_rate * 100.0,
+                b.open_for
+            ));
+        }
+        if let Some(r) = &u.retry {
+            extras.push(format!(
+                "{} retries within {}%",
+                r.attempts,
+                r.budget * 100.0
+            ));
+        }
+        if let Some(t) = u.panic_threshold {
+            extras.push(format!("panic over {}% unavailable", t * 100.0));
+        }
+        if !extras.is_empty() {
+            let _ = writeln!(s, "  {:<16} {}", "", extras.join("; "));
+        }
     }
     s
 }

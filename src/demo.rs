@@ -51,6 +51,10 @@ pub fn start(config: &Config) -> std::io::Result<()> {
             "  curl -s http://{}/metrics | grep palisade_requests_total",
             config.admin.listen
         );
+        println!(
+            "  curl -s http://{}/admin/upstreams   # replica health, circuits, in-flight, EWMA",
+            config.admin.listen
+        );
         println!("Stop with Ctrl-C.");
     }
     Ok(())

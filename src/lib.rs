@@ -3,8 +3,9 @@
 //! A request passes each module once, top to bottom:
 //!
 //! ```text
-//! server (accept, limits, timeouts) → proxy::handle: check request → router → upstream (pick a
-//! replica, send) → body (stream the response back, write the access log at its end)
+//! server (accept, limits, timeouts) → proxy::handle: check request → router → rate limit →
+//! upstream (pick an available replica, send, retry on another) → body (stream the response
+//! back, write the access log at its end)
 //! ```
 //!
 //! - [`config`]: the TOML file, validation with file:line:col errors, loading.
@@ -12,7 +13,8 @@
 //! - [`server`]: public listeners, connection limits and timeouts, graceful drain.
 //! - [`router`]: host → longest path prefix → method.
 //! - [`proxy`]: the request pipeline, header rules, error responses.
-//! - [`upstream`]: replicas, connection pools, balancers.
+//! - [`upstream`]: replicas, connection pools, balancers, health checks, circuit breakers,
+//!   retries.
 //! - [`body`]: streamed request and response bodies.
 //! - [`metrics`]: every Prometheus metric; [`admin`]: the admin listener.
 //! - [`cli`]: `run`, `check`, `demo`; [`demo`]: the built-in demo replicas.

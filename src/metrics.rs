@@ -37,6 +37,16 @@ pub struct Metrics {
     pub ratelimit_decisions: IntCounterVec,
     /// Redis commands that failed or timed out, by use (cache, ratelimit).
     pub redis_errors: IntCounterVec,
+    /// 1 while a replica is in the rotation by its health checks, else 0.
+    pub replica_healthy: IntGaugeVec,
+    /// A replica's circuit: 0 closed, 1 half-open, 2 open.
+    pub circuit_state: IntGaugeVec,
+    /// Retries sent, by upstream.
+    pub retries: IntCounterVec,
+    /// Retries refused because the budget was spent, by upstream.
+    pub retry_budget_exhausted: IntCounterVec,
+    /// Replicas taken out of the rotation, by reason (health_check, circuit_open).
+    pub ejections: IntCounterVec,
 }
 
 impl Metrics {
@@ -115,6 +125,31 @@ impl Metrics {
                 "palisade_redis_errors_total",
                 "Redis commands that failed or timed out, by use (cache, ratelimit).",
                 &["use"],
+            ),
+            replica_healthy: gauge(
+                "palisade_replica_healthy",
+                "1 while the replica is in the rotation by its health checks, else 0.",
+                &["upstream", "replica"],
+            ),
+            circuit_state: gauge(
+                "palisade_circuit_state",
+                "The replica's circuit: 0 closed, 1 half-open, 2 open.",
+                &["upstream", "replica"],
+            ),
+            retries: counter(
+                "palisade_retries_total",
+                "Requests sent again to another replica.",
+                &["upstream"],
+            ),
+            retry_budget_exhausted: counter(
+                "palisade_retry_budget_exhausted_total",
+                "Retries not sent because the upstream's retry budget was spent.",
+                &["upstream"],
+            ),
+            ejections: counter(
+                "palisade_ejections_total",
+                "Replicas taken out of the rotation, by reason (health_check, circuit_open).",
+                &["upstream", "replica", "reason"],
             ),
             registry,
         };

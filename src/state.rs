@@ -3,7 +3,8 @@
 //!
 //! A request loads the snapshot once and keeps it to the end, so in-flight requests finish on
 //! the config they started with. A reload builds a new snapshot and carries over each upstream
-//! whose spec did not change, with its connection pool and balancer state.
+//! whose spec did not change, with its connection pool, balancer state and health checks; a
+//! changed upstream takes over each replica with an unchanged URL (health, circuit, EWMA).
 
 use crate::config::{Config, ConfigErrors};
 use crate::metrics::{Metrics, RequestCounters};
@@ -48,16 +49,21 @@ pub struct Snapshot {
 impl Snapshot {
     /// Compiles a config, reusing upstreams of `previous` whose spec is unchanged.
     pub fn build(config: Config, previous: Option<&Snapshot>, metrics: &Metrics) -> Snapshot {
-        let upstreams = config
+        let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
             .map(|spec| {
-                previous
-                    .and_then(|p| p.upstreams.iter().find(|u| u.spec == *spec))
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(Upstream::new(spec, metrics)))
+                let same_name =
+                    previous.and_then(|p| p.upstreams.iter().find(|u| u.spec.name == spec.name));
+                match same_name {
+                    Some(u) if u.spec == *spec => u.clone(),
+                    other => Upstream::start(spec, other.map(|u| &**u), metrics),
+                }
             })
             .collect();
+        if let Some(p) = previous {
+            forget_removed_replicas(p, &upstreams, metrics);
+        }
         let policies: Vec<Arc<Policy>> = config
             .rate_limit_policies
             .iter()
@@ -98,6 +104,22 @@ impl Snapshot {
             upstreams,
             limit_redis,
             config: Arc::new(config),
+        }
+    }
+}
+
+/// Drops the gauges of replicas a reload removed, so that they do not linger as stale series.
+fn forget_removed_replicas(previous: &Snapshot, now: &[Arc<Upstream>], metrics: &Metrics) {
+    for old in &previous.upstreams {
+        for r in &old.replicas {
+            let kept = now
+                .iter()
+                .any(|u| u.spec.name == old.spec.name && u.replicas.iter().any(|n| n.url == r.url));
+            if !kept {
+                let labels = [old.spec.name.as_str(), &*r.url];
+                let _ = metrics.replica_healthy.remove_label_values(&labels);
+                let _ = metrics.circuit_state.remove_label_values(&labels);
+            }
         }
     }
 }

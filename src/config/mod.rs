@@ -16,6 +16,7 @@ pub use error::{ConfigError, ConfigErrors};
 
 use crate::ratelimit::{OnError, PolicySpec};
 use crate::redis::RedisTarget;
+use crate::upstream::{BreakerSpec, HealthSpec, RetrySpec};
 use http::Method;
 use ipnet::IpNet;
 use std::net::SocketAddr;
@@ -125,6 +126,10 @@ pub enum Balance {
     RoundRobin,
     /// The replica with the fewest requests in flight.
     LeastRequests,
+    /// Of two random replicas, the one with the lower latency EWMA × (in flight + 1).
+    P2cEwma,
+    /// A hash ring with virtual nodes, keyed by [`UpstreamSpec::hash_on`].
+    ConsistentHash,
 }
 
 impl Balance {
@@ -133,6 +138,26 @@ impl Balance {
         match self {
             Balance::RoundRobin => "round_robin",
             Balance::LeastRequests => "least_requests",
+            Balance::P2cEwma => "p2c_ewma",
+            Balance::ConsistentHash => "consistent_hash",
+        }
+    }
+}
+
+/// What `consistent_hash` keys a request by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashOn {
+    /// The client's address (X-Forwarded-For believed only from trusted proxies).
+    ClientIp,
+    /// A request header's value; without it, the client's address.
+    Header(http::HeaderName),
+}
+
+impl std::fmt::Display for HashOn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HashOn::ClientIp => f.write_str("client_ip"),
+            HashOn::Header(h) => write!(f, "header:{h}"),
         }
     }
 }
@@ -150,6 +175,17 @@ pub struct UpstreamSpec {
     pub connect_timeout: Duration,
     /// Time allowed for the response headers, and between body chunks (504 past it).
     pub timeout: Duration,
+    /// The key of `consistent_hash`.
+    pub hash_on: HashOn,
+    /// Share of replicas (0 to 1) that may be unavailable before balancing ignores health and
+    /// circuits and spreads over all replicas; `None`: never.
+    pub panic_threshold: Option<f64>,
+    /// `[upstreams.NAME.health]`: active checks; `None`: every replica counts as healthy.
+    pub health: Option<HealthSpec>,
+    /// `[upstreams.NAME.circuit_breaker]`: per-replica breaker fed by live traffic.
+    pub circuit_breaker: Option<BreakerSpec>,
+    /// `retry = {...}`: retries on another replica.
+    pub retry: Option<RetrySpec>,
 }
 
 /// A host a route matches.

@@ -169,6 +169,8 @@ pub struct RawUpstream {
     pub balance: Option<Spanned<Text>>,
     pub connect_timeout: Option<Spanned<Duration>>,
     pub timeout: Option<Spanned<Duration>>,
+    pub hash_on: Option<Spanned<Text>>,
+    pub panic_threshold: Option<Spanned<Percent>>,
     pub retry: Option<Spanned<RawRetry>>,
     pub health: Option<Spanned<RawHealth>>,
     pub circuit_breaker: Option<Spanned<RawCircuitBreaker>>,
@@ -178,33 +180,46 @@ pub struct RawUpstream {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRetry {
-    pub attempts: Option<i64>,
-    pub on: Option<Vec<Text>>,
-    pub budget: Option<Percent>,
+    pub attempts: Option<Spanned<i64>>,
+    pub on: Option<Spanned<Vec<Spanned<Text>>>>,
+    pub budget: Option<Spanned<Percent>>,
+    pub min_per_second: Option<Spanned<i64>>,
+    pub max_body: Option<Spanned<ByteSize>>,
 }
 
 /// `[upstreams.NAME.health]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHealth {
-    pub path: Option<Text>,
-    pub interval: Option<Duration>,
-    pub timeout: Option<Duration>,
-    pub healthy_after: Option<i64>,
-    pub unhealthy_after: Option<i64>,
-    pub expected_statuses: Option<Vec<i64>>,
+    pub path: Option<Spanned<Text>>,
+    pub interval: Option<Spanned<Duration>>,
+    pub timeout: Option<Spanned<Duration>>,
+    pub healthy_after: Option<Spanned<i64>>,
+    pub unhealthy_after: Option<Spanned<i64>>,
+    pub expected_statuses: Option<Spanned<Vec<Spanned<RawStatuses>>>>,
+}
+
+/// One entry of `expected_statuses`: a status (`204`) or a range (`"200-399"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged, expecting = "a status like 200 or a range like \"200-399\"")]
+pub enum RawStatuses {
+    /// `200`.
+    One(i64),
+    /// `"200-399"`.
+    Range(Text),
 }
 
 /// `[upstreams.NAME.circuit_breaker]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCircuitBreaker {
-    pub consecutive_failures: Option<i64>,
-    pub failure_rate: Option<Percent>,
-    pub min_requests: Option<i64>,
-    pub window: Option<Duration>,
-    pub open_for: Option<Duration>,
-    pub half_open_requests: Option<i64>,
+    pub consecutive_failures: Option<Spanned<i64>>,
+    pub failure_rate: Option<Spanned<Percent>>,
+    pub min_requests: Option<Spanned<i64>>,
+    pub window: Option<Spanned<Duration>>,
+    pub open_for: Option<Spanned<Duration>>,
+    pub half_open_requests: Option<Spanned<i64>>,
+    pub failure_on: Option<Spanned<Vec<Spanned<Text>>>>,
 }
 
 /// One `[[routes]]` entry.

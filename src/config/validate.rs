@@ -5,6 +5,7 @@ use super::schema::*;
 use super::values::Text;
 use super::*;
 use crate::ratelimit::{Missing, OnError, PolicySpec, identity::KeyPart};
+use crate::upstream::{BreakerSpec, HealthSpec, OutcomeSet, RetrySpec};
 use std::collections::{BTreeMap, HashMap};
 use toml::Spanned;
 
@@ -351,12 +352,10 @@ fn upstreams(
             Some(b) => match b.get_ref().as_ref() {
                 "round_robin" => Balance::RoundRobin,
                 "least_requests" => Balance::LeastRequests,
-                "p2c_ewma" | "consistent_hash" => {
-                    c.err(b, format!("{key}.balance"), format!("{:?} {NOT_YET}: it comes with the replica health work; allowed now are \"round_robin\" and \"least_requests\"", b.get_ref().0));
-                    Balance::RoundRobin
-                }
+                "p2c_ewma" => Balance::P2cEwma,
+                "consistent_hash" => Balance::ConsistentHash,
                 other => {
-                    c.err(b, format!("{key}.balance"), format!("unknown balancer {other:?}: allowed are \"round_robin\", \"least_requests\" (and later \"p2c_ewma\", \"consistent_hash\")"));
+                    c.err(b, format!("{key}.balance"), format!("unknown balancer {other:?}: allowed are \"round_robin\", \"least_requests\", \"p2c_ewma\" and \"consistent_hash\""));
                     Balance::RoundRobin
                 }
             },
@@ -371,22 +370,280 @@ fn upstreams(
             &format!("{key}.timeout"),
             Duration::from_secs(15),
         );
-        c.not_yet(&u.retry, &format!("{key}.retry"), "replica health");
-        c.not_yet(&u.health, &format!("{key}.health"), "replica health");
-        c.not_yet(
-            &u.circuit_breaker,
-            &format!("{key}.circuit_breaker"),
-            "replica health",
-        );
+        let hash_on = match &u.hash_on {
+            None => HashOn::ClientIp,
+            Some(h) if balance != Balance::ConsistentHash => {
+                c.err(
+                    h,
+                    format!("{key}.hash_on"),
+                    "applies only to balance = \"consistent_hash\"; remove it or set that balancer",
+                );
+                HashOn::ClientIp
+            }
+            Some(h) => match hash_on(h.get_ref()) {
+                Ok(v) => v,
+                Err(msg) => {
+                    c.err(h, format!("{key}.hash_on"), msg);
+                    HashOn::ClientIp
+                }
+            },
+        };
+        let panic_threshold = u.panic_threshold.as_ref().map(|p| p.get_ref().0);
+        let health = u
+            .health
+            .as_ref()
+            .map(|h| health(c, h.get_ref(), h.span().start, &format!("{key}.health")));
+        let circuit_breaker = u
+            .circuit_breaker
+            .as_ref()
+            .map(|b| breaker(c, b.get_ref(), &format!("{key}.circuit_breaker")));
+        let retry = u
+            .retry
+            .as_ref()
+            .map(|r| retry(c, r.get_ref(), &format!("{key}.retry")));
         out.push(UpstreamSpec {
             name: name.get_ref().clone(),
             replicas,
             balance,
             connect_timeout,
             timeout,
+            hash_on,
+            panic_threshold,
+            health,
+            circuit_breaker,
+            retry,
         });
     }
     out
+}
+
+fn hash_on(raw: &str) -> Result<HashOn, String> {
+    let allowed = "allowed are \"client_ip\" and \"header:NAME\"";
+    match raw.trim() {
+        "client_ip" => Ok(HashOn::ClientIp),
+        h => match h.strip_prefix("header:") {
+            Some(name) => http::HeaderName::from_bytes(name.trim().as_bytes())
+                .map(HashOn::Header)
+                .map_err(|_| format!("invalid header name {name:?}: {allowed}")),
+            None => Err(format!("unknown key {h:?}: {allowed}")),
+        },
+    }
+}
+
+fn outcomes(
+    c: &mut Checker,
+    list: &Option<Spanned<Vec<Spanned<Text>>>>,
+    key: &str,
+    default: &[&str],
+) -> OutcomeSet {
+    let Some(list) = list else {
+        return OutcomeSet::from_names(default.iter().copied()).expect("valid defaults");
+    };
+    if list.get_ref().is_empty() {
+        c.err(
+            list,
+            key,
+            format!("must name at least one outcome: {}", OutcomeSet::ALLOWED),
+        );
+    }
+    let mut set = OutcomeSet::default();
+    for (i, name) in list.get_ref().iter().enumerate() {
+        if let Err(msg) = set.add(name.get_ref()) {
+            c.err(name, format!("{key}[{i}]"), msg);
+        }
+    }
+    set
+}
+
+fn health(c: &mut Checker, h: &RawHealth, at: usize, key: &str) -> HealthSpec {
+    let path = match &h.path {
+        None => http::uri::PathAndQuery::from_static("/health"),
+        Some(p) => match p.get_ref().parse::<http::uri::PathAndQuery>() {
+            Ok(pq) if p.get_ref().starts_with('/') => pq,
+            _ => {
+                c.err(
+                    p,
+                    format!("{key}.path"),
+                    format!(
+                        "invalid path {:?}: write a path starting with /, like \"/health\"",
+                        p.get_ref().0
+                    ),
+                );
+                http::uri::PathAndQuery::from_static("/health")
+            }
+        },
+    };
+    let interval = c.positive_duration(
+        &h.interval,
+        &format!("{key}.interval"),
+        Duration::from_secs(5),
+    );
+    let timeout = c.positive_duration(
+        &h.timeout,
+        &format!("{key}.timeout"),
+        Duration::from_secs(1),
+    );
+    if timeout > interval {
+        let e = match (&h.timeout, &h.interval) {
+            (Some(t), _) => c.loc.error(
+                t.span().start,
+                format!("{key}.timeout"),
+                format!(
+                    "must not be longer than the interval ({})",
+                    values::Duration(interval)
+                ),
+            ),
+            (None, Some(i)) => c.loc.error(
+                i.span().start,
+                format!("{key}.interval"),
+                format!(
+                    "must not be shorter than the timeout ({})",
+                    values::Duration(timeout)
+                ),
+            ),
+            (None, None) => c.loc.error(at, key, "timeout is longer than interval"),
+        };
+        c.errors.push(e);
+    }
+    let healthy_after = c.count(&h.healthy_after, &format!("{key}.healthy_after"), 2, 100) as u32;
+    let unhealthy_after = c.count(
+        &h.unhealthy_after,
+        &format!("{key}.unhealthy_after"),
+        3,
+        100,
+    ) as u32;
+    let mut expected_statuses = Vec::new();
+    match &h.expected_statuses {
+        None => expected_statuses.push((200, 399)),
+        Some(list) if list.get_ref().is_empty() => c.err(
+            list,
+            format!("{key}.expected_statuses"),
+            "must list at least one status or range, like [200, \"300-399\"]",
+        ),
+        Some(list) => {
+            for (i, v) in list.get_ref().iter().enumerate() {
+                let range = match v.get_ref() {
+                    RawStatuses::One(n) => u16::try_from(*n).ok().map(|n| (n, n)),
+                    RawStatuses::Range(t) => t.split_once('-').and_then(|(lo, hi)| {
+                        Some((
+                            lo.trim().parse::<u16>().ok()?,
+                            hi.trim().parse::<u16>().ok()?,
+                        ))
+                    }),
+                };
+                match range {
+                    Some((lo, hi)) if (100..=599).contains(&lo) && (lo..=599).contains(&hi) => {
+                        expected_statuses.push((lo, hi))
+                    }
+                    _ => c.err(
+                        v,
+                        format!("{key}.expected_statuses[{i}]"),
+                        "must be a status from 100 to 599 like 200, or a range like \"200-399\"",
+                    ),
+                }
+            }
+        }
+    }
+    HealthSpec {
+        path,
+        interval,
+        timeout,
+        expected_statuses,
+        healthy_after,
+        unhealthy_after,
+    }
+}
+
+fn share(c: &mut Checker, v: &Option<Spanned<values::Percent>>, key: &str, default: f64) -> f64 {
+    match v {
+        Some(p) if p.get_ref().0 <= 0.0 => {
+            c.err(p, key, "must be greater than 0%, like \"50%\"");
+            default
+        }
+        Some(p) => p.get_ref().0,
+        None => default,
+    }
+}
+
+fn breaker(c: &mut Checker, b: &RawCircuitBreaker, key: &str) -> BreakerSpec {
+    BreakerSpec {
+        consecutive_failures: c.count(
+            &b.consecutive_failures,
+            &format!("{key}.consecutive_failures"),
+            5,
+            1000,
+        ) as u32,
+        failure_rate: share(c, &b.failure_rate, &format!("{key}.failure_rate"), 0.5),
+        min_requests: c.count(
+            &b.min_requests,
+            &format!("{key}.min_requests"),
+            20,
+            1_000_000,
+        ) as u32,
+        window: c.positive_duration(&b.window, &format!("{key}.window"), Duration::from_secs(10)),
+        open_for: c.positive_duration(
+            &b.open_for,
+            &format!("{key}.open_for"),
+            Duration::from_secs(30),
+        ),
+        half_open_requests: c.count(
+            &b.half_open_requests,
+            &format!("{key}.half_open_requests"),
+            3,
+            100,
+        ) as u32,
+        failure_on: outcomes(
+            c,
+            &b.failure_on,
+            &format!("{key}.failure_on"),
+            &["connect", "timeout", "error", "5xx"],
+        ),
+    }
+}
+
+fn retry(c: &mut Checker, r: &RawRetry, key: &str) -> RetrySpec {
+    let min_per_second = match &r.min_per_second {
+        Some(n) if !(0..=10_000).contains(n.get_ref()) => {
+            c.err(
+                n,
+                format!("{key}.min_per_second"),
+                format!(
+                    "must be a whole number from 0 to 10000, not {}",
+                    n.get_ref()
+                ),
+            );
+            3
+        }
+        Some(n) => *n.get_ref() as u32,
+        None => 3,
+    };
+    let max_body = match &r.max_body {
+        Some(v) if v.get_ref().0 > 16 << 20 => {
+            c.err(
+                v,
+                format!("{key}.max_body"),
+                format!(
+                    "must be at most 16MiB (it is held in memory per request), not {}",
+                    v.get_ref()
+                ),
+            );
+            64 << 10
+        }
+        Some(v) => v.get_ref().0,
+        None => 64 << 10,
+    };
+    RetrySpec {
+        attempts: c.count(&r.attempts, &format!("{key}.attempts"), 2, 10) as u32,
+        on: outcomes(
+            c,
+            &r.on,
+            &format!("{key}.on"),
+            &["connect", "error", "502", "503", "504"],
+        ),
+        budget: share(c, &r.budget, &format!("{key}.budget"), 0.2),
+        min_per_second,
+        max_body,
+    }
 }
 
 /// Normalizes a replica URL to `http://host:port`, or says what is wrong with it.

@@ -54,15 +54,41 @@ pub enum ProxyError {
         /// The limit in bytes.
         limit: usize,
     },
-    /// No replica can take the request.
+    /// No replica can take the request (unhealthy or circuit open): answered at once.
     #[error("upstream {upstream} has no replica available")]
     NoReplica {
         /// Upstream name.
         upstream: String,
+        /// When one may be available again (`Retry-After`).
+        retry_after: std::time::Duration,
     },
     /// The replica failed or could not be reached.
     #[error("upstream request failed: {0}")]
-    Upstream(#[from] UpstreamError),
+    Upstream(UpstreamError),
+}
+
+impl From<UpstreamError> for ProxyError {
+    fn from(e: UpstreamError) -> Self {
+        match e {
+            UpstreamError::NoReplica {
+                upstream,
+                retry_after,
+            } => ProxyError::NoReplica {
+                upstream,
+                retry_after,
+            },
+            e => ProxyError::Upstream(e),
+        }
+    }
+}
+
+impl From<crate::body::BodyError> for ProxyError {
+    fn from(e: crate::body::BodyError) -> Self {
+        match e {
+            crate::body::BodyError::TooLarge { limit } => ProxyError::BodyTooLarge { limit },
+            e => ProxyError::BadRequest(e.to_string()),
+        }
+    }
 }
 
 impl ProxyError {
@@ -120,8 +146,11 @@ impl ProxyError {
                     h.insert(header::ALLOW, v);
                 }
             }
-            ProxyError::NoReplica { .. } => {
-                h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            ProxyError::NoReplica { retry_after, .. } => {
+                h.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after_secs(*retry_after)),
+                );
             }
             ProxyError::RateLimited {
                 retry_after,

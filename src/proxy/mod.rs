@@ -1,7 +1,7 @@
 //! The request pipeline: one function that reads as the story of a request.
 //!
-//! check the request → route → (client identity, rate limit, cache: later issues) → pick a
-//! replica → forward → respond. Each step calls into its own module; each early return is an
+//! check the request → route → client identity and rate limit → (cache: a later issue) →
+//! forward to a replica (balancer, retries: [`crate::upstream::Upstream::forward`]) → respond. Each step calls into its own module; each early return is an
 //! answer Palisade makes itself ([`ProxyError`]).
 
 mod error;
@@ -141,18 +141,10 @@ async fn forward(
             .map_err(|e| (e, Some(route)))?,
     };
 
-    // 4. Pick a replica.
-    let Some(in_flight) = upstream.pick() else {
-        return Err((
-            ProxyError::NoReplica {
-                upstream: upstream.spec.name.clone(),
-            },
-            Some(route),
-        ));
-    };
-    let replica = in_flight.replica().clone();
-
-    // 5. Forward, streaming the body.
+    // 4. Forward to a replica picked by the balancer among the available ones (on failure,
+    //    retried on another one when the method and the retry budget allow), streaming the body.
+    let client_ip = identity::client_ip(conn.peer.ip(), req.headers(), &server.trusted_proxies);
+    let affinity = upstream.affinity(client_ip, req.headers());
     let trusted = headers::is_trusted(conn.peer.ip(), &server.trusted_proxies);
     let via = if req.version() == Version::HTTP_2 {
         headers::VIA_H2
@@ -182,13 +174,18 @@ async fn forward(
     parts.version = Version::HTTP_11;
     let body = if body_is_empty(&parts.headers, &body) {
         RequestBody::empty()
+    } else if let Some(len) = upstream.keeps_body(&parts.headers) {
+        RequestBody::read_kept(body, len, upstream.spec.timeout)
+            .await
+            .map_err(|e| (ProxyError::from(e), Some(route)))?
     } else {
         RequestBody::new(body, server.max_request_body)
     };
-    let (upstream_resp, upstream_conn) = upstream
-        .send(&replica, Request::from_parts(parts, body))
+    let (upstream_resp, in_flight) = upstream
+        .forward(Request::from_parts(parts, body), affinity)
         .await
         .map_err(|e| (ProxyError::from(e), Some(route)))?;
+    let replica = in_flight.replica().clone();
 
     // 6. Respond.
     let (mut parts, body) = upstream_resp.into_parts();
@@ -199,7 +196,7 @@ async fn forward(
             .insert(headers::RATELIMIT_POLICY.clone(), policy);
         parts.headers.insert(headers::RATELIMIT.clone(), state);
     }
-    let body = ResponseBody::upstream(body, upstream.spec.timeout, in_flight, upstream_conn);
+    let body = ResponseBody::upstream(body, upstream.spec.timeout, in_flight);
     Ok((
         Response::from_parts(parts, body),
         Some(route),

@@ -1,7 +1,7 @@
 //! Keep-alive HTTP/1 connections to one replica.
 //!
 //! Idle connections wait on a stack (most recently used first, so a few warm connections do
-//! the work). A request takes one, or opens a new one within `connect_timeout`; its response
+//! the work). A request takes one, or opens a new one within the upstream's `connect_timeout`; its response
 //! body hands the connection back when it ends whole ([`PooledConn::release`]). A connection
 //! whose response was cut short is dropped, and with it the socket. Nothing runs per request
 //! but the request itself: no pool task, no boxed futures, no hashing.
@@ -32,7 +32,6 @@ struct Idle {
 /// The connections of one replica.
 pub struct Pool {
     authority: String,
-    connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle: usize,
     idle: Mutex<Vec<Idle>>,
@@ -62,10 +61,9 @@ impl PooledConn {
 
 impl Pool {
     /// A pool for `host:port`.
-    pub fn new(authority: &str, connect_timeout: Duration) -> Arc<Pool> {
+    pub fn new(authority: &str) -> Arc<Pool> {
         Arc::new(Pool {
             authority: authority.to_owned(),
-            connect_timeout,
             idle_timeout: Duration::from_secs(60),
             max_idle: 1024,
             idle: Mutex::new(Vec::new()),
@@ -82,19 +80,18 @@ impl Pool {
         None
     }
 
-    async fn connect(&self) -> Result<http1::SendRequest<RequestBody>, PoolError> {
-        let stream = tokio::time::timeout(
-            self.connect_timeout,
-            tokio::net::TcpStream::connect(&self.authority),
-        )
-        .await
-        .map_err(|_| {
-            PoolError::Connect(format!(
-                "connect timeout: deadline has elapsed after {:?}",
-                self.connect_timeout
-            ))
-        })?
-        .map_err(|e| PoolError::Connect(format!("tcp connect error: {e}")))?;
+    async fn connect(
+        &self,
+        timeout: Duration,
+    ) -> Result<http1::SendRequest<RequestBody>, PoolError> {
+        let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&self.authority))
+            .await
+            .map_err(|_| {
+                PoolError::Connect(format!(
+                    "connect timeout: deadline has elapsed after {timeout:?}"
+                ))
+            })?
+            .map_err(|e| PoolError::Connect(format!("tcp connect error: {e}")))?;
         let _ = stream.set_nodelay(true);
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
@@ -114,11 +111,12 @@ impl Pool {
     pub async fn send(
         self: &Arc<Self>,
         mut req: http::Request<RequestBody>,
+        connect_timeout: Duration,
     ) -> Result<(http::Response<Incoming>, PooledConn), PoolError> {
         loop {
             let (mut sender, reused) = match self.checkout() {
                 Some(s) => (s, true),
-                None => (self.connect().await?, false),
+                None => (self.connect(connect_timeout).await?, false),
             };
             if sender.ready().await.is_err() {
                 if reused {

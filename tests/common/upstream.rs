@@ -34,6 +34,8 @@ use std::time::Duration;
 pub struct Settings {
     /// Delay before every response head, in ms (a query `delay_ms` overrides it).
     pub delay_ms: AtomicU64,
+    /// Status of every response when not 0 (a query `status` overrides it).
+    pub status: AtomicU64,
 }
 
 /// What one request looked like to the replica.
@@ -100,7 +102,23 @@ impl Drop for Upstream {
 }
 
 fn bind(rt: &tokio::runtime::Runtime) -> tokio::net::TcpListener {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+    bind_on(rt, SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+fn bind_on(rt: &tokio::runtime::Runtime, addr: SocketAddr) -> tokio::net::TcpListener {
+    // A stopped replica's sockets close as its runtime winds down: retry briefly (≤ 2 s).
+    let mut tries = 0;
+    let l = loop {
+        match std::net::TcpListener::bind(addr) {
+            Ok(l) => break l,
+            Err(e) if tries < 100 && addr.port() != 0 => {
+                tries += 1;
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("bind upstream on {addr}: {e}"),
+        }
+    };
     l.set_nonblocking(true).expect("nonblocking");
     let _enter = rt.enter();
     tokio::net::TcpListener::from_std(l).expect("tokio listener")
@@ -117,8 +135,14 @@ fn runtime() -> tokio::runtime::Runtime {
 impl Upstream {
     /// Starts a replica named `name`.
     pub fn start(name: &str) -> Upstream {
+        Self::start_on(name, SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// Starts a replica named `name` on `addr` (a stopped replica's address, to restart it:
+    /// the listener reuses the address as std does on Unix, SO_REUSEADDR).
+    pub fn start_on(name: &str, addr: SocketAddr) -> Upstream {
         let rt = runtime();
-        let listener = bind(&rt);
+        let listener = bind_on(&rt, addr);
         let addr = listener.local_addr().expect("upstream addr");
         let state = Arc::new(State::default());
         let settings = Arc::new(Settings::default());
@@ -306,6 +330,7 @@ impl Ctx {
             tokio::time::sleep(Duration::from_millis(delay)).await;
         }
         let status = num("status")
+            .or_else(|| Some(self.settings.status.load(Ordering::SeqCst)).filter(|&s| s != 0))
             .and_then(|s| StatusCode::from_u16(s as u16).ok())
             .unwrap_or(StatusCode::OK);
 
