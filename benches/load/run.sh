@@ -11,7 +11,11 @@
 #              NICE (-10: every benchmark process runs at this niceness, ahead of other work)
 #              BASELINE (path to another palisade binary, measured as a fourth target "baseline"
 #              in the same rounds, for before/after comparisons on a noisy machine)
-# Needs root (cgroups), nginx, wrk, taskset, curl. Traffic stays on 127.0.0.1.
+#              RATELIMIT (1: also measure "limited", Palisade with a rate limit on the route that
+#              is never reached, against plain "palisade"; and "redis", the same limit kept in a
+#              redis-server on core 1, reporting Redis round trips per request)
+# Needs root (cgroups), nginx, wrk, taskset, curl (and redis-server, redis-cli for RATELIMIT).
+# Traffic stays on 127.0.0.1.
 
 set -euo pipefail
 
@@ -27,6 +31,7 @@ SKIP_BUILD=${SKIP_BUILD:-0}
 KEEP=${KEEP:-0}
 BASELINE=${BASELINE:-}
 NICE=${NICE:--10}
+RATELIMIT=${RATELIMIT:-1}
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 HERE="$ROOT/benches/load"
@@ -39,6 +44,11 @@ PALISADE_PORT=$((PORT_BASE + 20))
 ADMIN_PORT=$((PORT_BASE + 21))
 BASELINE_PORT=$((PORT_BASE + 30))
 BASELINE_ADMIN_PORT=$((PORT_BASE + 31))
+LIMITED_PORT=$((PORT_BASE + 40))
+LIMITED_ADMIN_PORT=$((PORT_BASE + 41))
+REDIS_LIMITED_PORT=$((PORT_BASE + 50))
+REDIS_LIMITED_ADMIN_PORT=$((PORT_BASE + 51))
+REDIS_PORT=$((PORT_BASE + 60))
 URL_PATH=/api/items/42
 
 for tool in nginx wrk taskset curl; do
@@ -133,6 +143,10 @@ to_ms() { # wrk latency such as 812.00us, 1.52ms, 1.01s
         else print "nan" }'
 }
 
+redis_scripts() { # script calls Redis has served so far (EVALSHA and EVAL)
+    redis-cli -p "$REDIS_PORT" info commandstats | awk -F'[=,:]' '/^cmdstat_(evalsha|eval):/{n += $3} END{print n + 0}'
+}
+
 RESULTS="$WORK/results"
 : >"$RESULTS"
 
@@ -144,6 +158,8 @@ measure() { # target port round
     read -r b0 a0 < <(cpu1_ticks)
     local c0 c1
     c0=$(cg_ticks "$cg")
+    local r0=0
+    [ "$target" = redis ] && r0=$(redis_scripts)
     timeout $((DURATION + 15)) nice -n "$NICE" taskset -c 1 wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency "$url" >"$out"
     read -r b1 a1 < <(cpu1_ticks)
     read -r p1 t1 < <(throttled "$cg")
@@ -155,6 +171,9 @@ measure() { # target port round
     errs=$(awk '/Socket errors/{gsub(",", ""); print $4+$6+$8+$10}' "$out")
     local thr core1 reqs us
     reqs=$(awk '/requests in/{print $1}' "$out")
+    if [ "$target" = redis ]; then
+        echo "$reqs $r0 $(redis_scripts)" >>"$WORK/redis-round-trips"
+    fi
     us=$(awk -v c=$((c1 - c0)) -v n="$reqs" -v hz="$(getconf CLK_TCK)" 'BEGIN{printf "%.1f", n ? c * 1e6 / hz / n : 0}')
     thr=$(awk -v p=$((p1 - p0)) -v t=$((t1 - t0)) 'BEGIN{printf "%.0f%%", p ? 100 * t / p : 0}')
     core1=$(awk -v b=$((b1 - b0)) -v a=$((a1 - a0)) 'BEGIN{printf "%.0f%%", a ? 100 * b / a : 0}')
@@ -172,6 +191,7 @@ ORIGIN="$ROOT/target/release/examples/origin"
 
 TARGETS="origin nginx palisade"
 [ -n "$BASELINE" ] && TARGETS="$TARGETS baseline"
+[ "$RATELIMIT" = 1 ] && TARGETS="$TARGETS limited redis"
 runs=$((ROUNDS * $(echo $TARGETS | wc -w)))
 ( sleep $((runs * (WARMUP + DURATION + 5) + 60)) && echo "watchdog: time is up" >&2 && kill -TERM $$ ) 2>/dev/null &
 WATCHDOG=$!
@@ -183,6 +203,15 @@ fill "$HERE/palisade.toml.in" "$PALISADE_PORT" "$WORK/palisade.toml"
 "$PALISADE" check -c "$WORK/palisade.toml" >/dev/null
 [ -n "$BASELINE" ] && fill "$HERE/palisade.toml.in" "$BASELINE_PORT" "$WORK/baseline.toml" "$BASELINE_ADMIN_PORT"
 nginx -t -q -p "$WORK" -c "$WORK/nginx.conf"
+if [ "$RATELIMIT" = 1 ]; then
+    # The route (the last table of the template) gets a limit far above what any run reaches.
+    fill "$HERE/palisade.toml.in" "$LIMITED_PORT" "$WORK/limited.toml" "$LIMITED_ADMIN_PORT"
+    echo 'rate_limit = { per = "client_ip", limit = "100000000/s" }' >>"$WORK/limited.toml"
+    fill "$HERE/palisade.toml.in" "$REDIS_LIMITED_PORT" "$WORK/redis.toml" "$REDIS_LIMITED_ADMIN_PORT"
+    printf 'rate_limit = { per = "client_ip", limit = "100000000/s" }\n\n[rate_limit]\nredis = { url = "redis://127.0.0.1:%s/0", timeout = "50ms", on_error = "allow" }\n' "$REDIS_PORT" >>"$WORK/redis.toml"
+    "$PALISADE" check -c "$WORK/limited.toml" >/dev/null
+    "$PALISADE" check -c "$WORK/redis.toml" >/dev/null
+fi
 
 start_free "$WORK/origin1.log" "$ORIGIN" "127.0.0.1:$ORIGIN1"
 start_free "$WORK/origin2.log" "$ORIGIN" "127.0.0.1:$ORIGIN2"
@@ -194,6 +223,15 @@ start_capped origin "$WORK/ref-origin.log" "$ORIGIN" "127.0.0.1:$REF_ORIGIN"
 start_capped nginx "$WORK/nginx.log" nginx -p "$WORK" -c "$WORK/nginx.conf"
 start_capped palisade "$WORK/palisade.log" "$PALISADE" run -c "$WORK/palisade.toml"
 ports="$ORIGIN1 $ORIGIN2 $REF_ORIGIN $NGINX_PORT $PALISADE_PORT"
+if [ "$RATELIMIT" = 1 ]; then
+    start_free "$WORK/redis-server.log" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no
+    for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+    make_cgroup limited >/dev/null
+    make_cgroup redis >/dev/null
+    start_capped limited "$WORK/limited.log" "$PALISADE" run -c "$WORK/limited.toml"
+    start_capped redis "$WORK/redis.log" "$PALISADE" run -c "$WORK/redis.toml"
+    ports="$ports $LIMITED_PORT $REDIS_LIMITED_PORT"
+fi
 if [ -n "$BASELINE" ]; then
     start_capped baseline "$WORK/baseline.log" "$BASELINE" run -c "$WORK/baseline.toml"
     ports="$ports $BASELINE_PORT"
@@ -213,6 +251,8 @@ for round in $(seq "$ROUNDS"); do
             nginx) measure nginx "$NGINX_PORT" "$round" ;;
             palisade) measure palisade "$PALISADE_PORT" "$round" ;;
             baseline) measure baseline "$BASELINE_PORT" "$round" ;;
+            limited) measure limited "$LIMITED_PORT" "$round" ;;
+            redis) measure redis "$REDIS_LIMITED_PORT" "$round" ;;
         esac
     done
 done
@@ -235,4 +275,12 @@ awk -v targets="$TARGETS" '
             printf "Palisade/baseline: req/s %.2fx, p99 %.2fx, CPU per request %.2fx\n", rps["palisade"] / rps["baseline"], p99["palisade"] / p99["baseline"], cpu["palisade"] / cpu["baseline"]
         ok = (r >= 1.2 && q <= 1.0 && bad["palisade"] == 0)
         printf "bar (req/s >= 1.2x nginx, p99 <= nginx, no errors): %s\n", ok ? "PASS" : "FAIL"
+        if ("limited" in n) {
+            l = rps["limited"] / rps["palisade"]
+            printf "\nrate limit never reached / unlimited: req/s %.2fx, p99 %.2fx (bar >= 0.95x: %s)\n", l, p99["limited"] / p99["palisade"], l >= 0.95 ? "PASS" : "FAIL"
+            printf "global limit in Redis: %.0f req/s (%.2fx unlimited), p99 %.3f ms\n", rps["redis"], rps["redis"] / rps["palisade"], p99["redis"]
+        }
     }' "$RESULTS"
+if [ -f "$WORK/redis-round-trips" ]; then
+    awk '{ reqs += $1; calls += $3 - $2 } END { printf "Redis round trips per request: %.3f (%d script calls for %d requests; warm-ups excluded)\n", reqs ? calls / reqs : 0, calls, reqs }' "$WORK/redis-round-trips"
+fi
