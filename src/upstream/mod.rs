@@ -565,6 +565,9 @@ impl Upstream {
         let (parts, body) = req.into_parts();
         let kept = body.replay();
         let mut body = Some(body);
+        let method = parts.method.clone();
+        // The head is copied only when a retry could need it again.
+        let mut parts = Some(parts);
         let mut tried = Vec::new();
         let mut last = None;
         loop {
@@ -584,7 +587,14 @@ impl Upstream {
             let result = self
                 .send(
                     &mut in_flight,
-                    http::Request::from_parts(parts.clone(), attempt_body),
+                    http::Request::from_parts(
+                        if kept.is_some() && self.spec.retry.is_some() {
+                            parts.clone().expect("kept while retries are possible")
+                        } else {
+                            parts.take().expect("sent once")
+                        },
+                        attempt_body,
+                    ),
                 )
                 .await;
             let outcome = match &result {
@@ -598,7 +608,7 @@ impl Upstream {
                         && tried.len() <= r.attempts as usize
                         && tried.len() < self.replicas.len()
                         && r.on.contains(o)
-                        && retry::method_allows(&parts.method, o)
+                        && retry::method_allows(&method, o)
                 }
                 _ => false,
             };
