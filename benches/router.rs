@@ -37,6 +37,7 @@ fn routes(n: usize) -> Vec<RouteSpec> {
                 methods,
                 upstream: 0,
                 rate_limit: None,
+                cache: None,
             }
         })
         .collect();
@@ -47,6 +48,7 @@ fn routes(n: usize) -> Vec<RouteSpec> {
         methods: None,
         upstream: 0,
         rate_limit: None,
+        cache: None,
     });
     out.push(RouteSpec {
         name: "default".into(),
@@ -55,6 +57,7 @@ fn routes(n: usize) -> Vec<RouteSpec> {
         methods: None,
         upstream: 0,
         rate_limit: None,
+        cache: None,
     });
     out
 }

@@ -3,10 +3,16 @@
 //!
 //! It is a separate socket from the public listeners, so no public request can reach it. When
 //! `admin.token` is set, every path but the health checks needs `Authorization: Bearer TOKEN`.
+//!
+//! `POST /admin/purge` with `{"url": "http://host/path?q"}`, `{"prefix": "/products/"}` or
+//! `{"route": "products"}` removes cached responses from both tiers.
 
 use crate::body::ResponseBody;
+use crate::cache::PurgeTarget;
+use crate::router::{RouteMatch, normalize_host};
 use crate::state::Shared;
 use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -30,7 +36,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, std::convert::Infallible>(respond(&shared, req)) }
+                async move { Ok::<_, std::convert::Infallible>(respond(&shared, req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -58,7 +64,7 @@ fn error(status: StatusCode, message: &str) -> Response<ResponseBody> {
     )
 }
 
-fn respond(shared: &Shared, req: Request<Incoming>) -> Response<ResponseBody> {
+async fn respond(shared: &Shared, req: Request<Incoming>) -> Response<ResponseBody> {
     let path = req.uri().path();
     if path == "/healthz" {
         return json(StatusCode::OK, serde_json::json!({"status": "ok"}));
@@ -94,6 +100,7 @@ fn respond(shared: &Shared, req: Request<Incoming>) -> Response<ResponseBody> {
     }
     match (req.method(), path) {
         (&Method::GET, "/metrics") => {
+            shared.cache.update_gauges();
             let mut r = Response::new(ResponseBody::full(shared.metrics.render()));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -101,11 +108,15 @@ fn respond(shared: &Shared, req: Request<Incoming>) -> Response<ResponseBody> {
             );
             r
         }
-        (&Method::GET, "/admin/upstreams") => json(StatusCode::OK, upstreams(&snap)),
+        (&Method::GET, "/admin/upstreams") => {
+            json(StatusCode::OK, upstreams(&shared.snapshot.load()))
+        }
         (_, "/metrics" | "/admin/upstreams") => error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+        (&Method::POST, "/admin/purge") => purge(shared, req).await,
+        (_, "/admin/purge") => error(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
         _ => error(
             StatusCode::NOT_FOUND,
-            "unknown admin path; try /metrics, /healthz, /readyz or /admin/upstreams",
+            "unknown admin path; try /metrics, /healthz, /readyz, /admin/upstreams or POST /admin/purge",
         ),
     }
 }
@@ -143,6 +154,81 @@ fn upstreams(snap: &crate::state::Snapshot) -> serde_json::Value {
         })
         .collect();
     serde_json::json!({ "upstreams": list })
+}
+
+/// Largest purge request body.
+const MAX_PURGE_BODY: usize = 64 << 10;
+const PURGE_USAGE: &str =
+    r#"send JSON: {"url": "http://host/path?q"}, {"prefix": "/path/"} or {"route": "NAME"}"#;
+
+/// A purge request's body.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PurgeRequest {
+    url: Option<String>,
+    prefix: Option<String>,
+    route: Option<String>,
+}
+
+async fn purge(shared: &Shared, req: Request<Incoming>) -> Response<ResponseBody> {
+    let body = http_body_util::Limited::new(req.into_body(), MAX_PURGE_BODY);
+    let bytes = match tokio::time::timeout(Duration::from_secs(10), body.collect()).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(_)) => return error(StatusCode::PAYLOAD_TOO_LARGE, "purge body over 64 KiB"),
+        Err(_) => return error(StatusCode::REQUEST_TIMEOUT, "purge body not sent in time"),
+    };
+    let parsed: PurgeRequest = match serde_json::from_slice(&bytes) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("{e}: {PURGE_USAGE}")),
+    };
+    let snap = shared.snapshot.load_full();
+    let target = match (parsed.url, parsed.prefix, parsed.route) {
+        (Some(url), None, None) => {
+            let Some(uri) = url
+                .parse::<http::Uri>()
+                .ok()
+                .filter(|u| u.authority().is_some())
+            else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("url {url:?} is not absolute: {PURGE_USAGE}"),
+                );
+            };
+            let host = normalize_host(uri.authority().map_or("", |a| a.as_str())).into_owned();
+            let path = uri.path();
+            let key = match snap.router.find(&host, path, &Method::GET) {
+                RouteMatch::Found(i) => snap.routes[i]
+                    .cache
+                    .as_ref()
+                    .map(|p| p.key(&host, path, uri.query())),
+                _ => None,
+            };
+            match key {
+                Some(k) => PurgeTarget::Key(k),
+                None => {
+                    return json(
+                        StatusCode::OK,
+                        serde_json::json!({"purged": 0, "memory": 0, "redis": 0, "note": "no cached route serves this URL"}),
+                    );
+                }
+            }
+        }
+        (None, Some(prefix), None) if prefix.starts_with('/') => PurgeTarget::PathPrefix(prefix),
+        (None, None, Some(route)) if snap.routes.iter().any(|r| *r.name == *route) => {
+            PurgeTarget::Route(route)
+        }
+        (None, None, Some(route)) => {
+            return error(StatusCode::NOT_FOUND, &format!("no route named {route:?}"));
+        }
+        _ => return error(StatusCode::BAD_REQUEST, PURGE_USAGE),
+    };
+    let n = shared.cache.purge(snap.cache_redis.as_ref(), &target).await;
+    let mut body =
+        serde_json::json!({"purged": n.memory + n.redis, "memory": n.memory, "redis": n.redis});
+    if let Some(e) = n.redis_error {
+        body["redis_error"] = serde_json::Value::String(e);
+    }
+    json(StatusCode::OK, body)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -5,6 +5,7 @@
 //! must outlive the response head — the replica's in-flight count, the connection's activity
 //! counters and the access-log record — and settles them when the body ends or is dropped.
 
+use crate::cache::Capture;
 use crate::server::ConnActivity;
 use crate::upstream::InFlight;
 use bytes::Bytes;
@@ -169,6 +170,8 @@ pub struct AccessRecord {
     pub status: u16,
     /// The request's X-Request-Id.
     pub request_id: http::HeaderValue,
+    /// What the cache did ([`crate::cache::CacheResult::as_str`]), or "-".
+    pub cache: &'static str,
 }
 
 impl AccessRecord {
@@ -185,6 +188,7 @@ impl AccessRecord {
             complete,
             duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
             request_id = self.request_id.to_str().unwrap_or("-"),
+            cache = self.cache,
             "access"
         );
     }
@@ -205,6 +209,7 @@ pub struct ResponseBody {
     in_flight: Option<InFlight>,
     conn: Option<Arc<ConnActivity>>,
     log: Option<Box<AccessRecord>>,
+    capture: Option<Box<Capture>>,
 }
 
 impl ResponseBody {
@@ -218,6 +223,7 @@ impl ResponseBody {
             in_flight: None,
             conn: None,
             log: None,
+            capture: None,
         }
     }
 
@@ -246,6 +252,17 @@ impl ResponseBody {
         self.conn = Some(conn);
     }
 
+    /// Copies the body into the cache as it streams; stored only if it ends cleanly.
+    pub fn capture(&mut self, capture: Box<Capture>) {
+        self.capture = Some(capture);
+    }
+
+    fn end_capture(&mut self) {
+        if let Some(c) = self.capture.take() {
+            c.finish();
+        }
+    }
+
     /// Writes an access-log line when the body ends.
     pub fn log_on_end(&mut self, record: Box<AccessRecord>) {
         self.log = Some(record);
@@ -270,6 +287,9 @@ impl ResponseBody {
 impl Drop for ResponseBody {
     fn drop(&mut self) {
         let complete = self.done || self.is_end_stream();
+        if complete {
+            self.end_capture();
+        }
         self.finish(complete);
         if let Some(log) = self.log.take() {
             log.write(self.bytes, complete);
@@ -295,6 +315,7 @@ impl Body for ResponseBody {
                         .stall
                         .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                     ready!(stall.as_mut().poll(cx));
+                    this.capture = None;
                     this.in_flight = None;
                     return Poll::Ready(Some(Err(BodyError::UpstreamStalled(timeout))));
                 }
@@ -312,11 +333,23 @@ impl Body for ResponseBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
                     this.bytes += d.len() as u64;
+                    if let Some(c) = this.capture.as_mut()
+                        && !c.push(d)
+                    {
+                        this.capture = None;
+                    }
+                }
+                if this.capture.is_some() && this.is_end_stream() {
+                    this.end_capture();
                 }
             }
-            Poll::Ready(None) => this.finish(true),
+            Poll::Ready(None) => {
+                this.end_capture();
+                this.finish(true);
+            }
             Poll::Ready(Some(Err(_))) => {
-                // The stream is broken: the log line says incomplete.
+                // The stream is broken: the log line says incomplete, and nothing is cached.
+                this.capture = None;
                 this.in_flight = None;
             }
             Poll::Pending => {}

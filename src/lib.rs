@@ -3,9 +3,9 @@
 //! A request passes each module once, top to bottom:
 //!
 //! ```text
-//! server (accept, limits, timeouts) → proxy::handle: check request → router → rate limit →
-//! upstream (pick an available replica, send, retry on another) → body (stream the response
-//! back, write the access log at its end)
+//! server (accept, limits, timeouts) → proxy::handle: check request → router → identity → rate
+//! limit → cache lookup (hit, stale: answer) → upstream (pick a replica, send) → cache store
+//! (tee the body) → body (stream the response back, write the access log at its end)
 //! ```
 //!
 //! - [`config`]: the TOML file, validation with file:line:col errors, loading.
@@ -16,11 +16,13 @@
 //! - [`upstream`]: replicas, connection pools, balancers, health checks, circuit breakers,
 //!   retries.
 //! - [`body`]: streamed request and response bodies.
+//! - [`cache`]: the response cache (policy, keys, memory and Redis tiers, coalescing, purge).
 //! - [`metrics`]: every Prometheus metric; [`admin`]: the admin listener.
 //! - [`cli`]: `run`, `check`, `demo`; [`demo`]: the built-in demo replicas.
 
 pub mod admin;
 pub mod body;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod demo;

@@ -47,6 +47,14 @@ pub struct Metrics {
     pub retry_budget_exhausted: IntCounterVec,
     /// Replicas taken out of the rotation, by reason (health_check, circuit_open).
     pub ejections: IntCounterVec,
+    /// Cache lookups, by route and result (hit, miss, stale, revalidated, bypass, coalesced).
+    pub cache_lookups: IntCounterVec,
+    /// URLs held by a cache tier.
+    pub cache_entries: IntGaugeVec,
+    /// Bytes held by a cache tier (bodies, headers and keys).
+    pub cache_bytes: IntGaugeVec,
+    /// Entries a cache tier evicted for space.
+    pub cache_evictions: IntCounterVec,
 }
 
 impl Metrics {
@@ -151,9 +159,33 @@ impl Metrics {
                 "Replicas taken out of the rotation, by reason (health_check, circuit_open).",
                 &["upstream", "replica", "reason"],
             ),
+            cache_lookups: counter(
+                "palisade_cache_lookups_total",
+                "Cache lookups, by route and result (hit, miss, stale, revalidated, bypass, coalesced).",
+                &["route", "result"],
+            ),
+            cache_entries: gauge(
+                "palisade_cache_entries",
+                "URLs held by a cache tier (all their variants count as one).",
+                &["tier"],
+            ),
+            cache_bytes: gauge(
+                "palisade_cache_bytes",
+                "Bytes held by a cache tier: bodies, headers and keys.",
+                &["tier"],
+            ),
+            cache_evictions: counter(
+                "palisade_cache_evictions_total",
+                "Entries a cache tier evicted to stay within its budget.",
+                &["tier"],
+            ),
             registry,
         };
         m.redis_errors.with_label_values(&["ratelimit"]);
+        m.redis_errors.with_label_values(&["cache"]);
+        m.cache_entries.with_label_values(&["memory"]);
+        m.cache_bytes.with_label_values(&["memory"]);
+        m.cache_evictions.with_label_values(&["memory"]);
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);

@@ -158,6 +158,7 @@ mod tests {
             methods,
             upstream: 0,
             rate_limit: None,
+            cache: None,
         }
     }
 

@@ -4,8 +4,10 @@
 //! A request loads the snapshot once and keeps it to the end, so in-flight requests finish on
 //! the config they started with. A reload builds a new snapshot and carries over each upstream
 //! whose spec did not change, with its connection pool, balancer state and health checks; a
-//! changed upstream takes over each replica with an unchanged URL (health, circuit, EWMA).
+//! changed upstream takes over each replica with an unchanged URL (health, circuit, EWMA). The
+//! response cache lives in [`Shared`], so cached entries outlive reloads.
 
+use crate::cache::{CachePolicy, RedisTier, ResponseCache};
 use crate::config::{Config, ConfigErrors};
 use crate::metrics::{Metrics, RequestCounters};
 use crate::ratelimit::{Policy, RateLimiter};
@@ -30,6 +32,8 @@ pub struct Route {
     pub rate_limit: Option<Arc<Policy>>,
     /// Rate-limit decisions: allowed, limited.
     pub limit_decisions: [prometheus::IntCounter; 2],
+    /// Its response-cache policy, if caching is on.
+    pub cache: Option<Arc<CachePolicy>>,
 }
 
 /// One config, compiled.
@@ -44,6 +48,8 @@ pub struct Snapshot {
     pub upstreams: Vec<Arc<Upstream>>,
     /// The Redis store of global rate limits, if configured.
     pub limit_redis: Option<Redis>,
+    /// The cache's shared Redis tier, if configured.
+    pub cache_redis: Option<RedisTier>,
 }
 
 impl Snapshot {
@@ -82,6 +88,10 @@ impl Snapshot {
                     rate_limit: r.rate_limit.map(|i| policies[i].clone()),
                     limit_decisions: ["allowed", "limited"]
                         .map(|d| metrics.ratelimit_decisions.with_label_values(&[&r.name, d])),
+                    cache: r
+                        .cache
+                        .as_ref()
+                        .map(|c| Arc::new(CachePolicy::new(&r.name, c.clone(), metrics))),
                 }
             })
             .collect();
@@ -98,11 +108,24 @@ impl Snapshot {
                     .ok(),
             }
         });
+        let cache_redis = config.cache.redis.as_ref().and_then(|s| {
+            let kept = previous
+                .and_then(|p| p.cache_redis.as_ref())
+                .filter(|t| t.redis().target == s.target && t.redis().timeout() == s.timeout)
+                .map(|t| t.redis().clone());
+            kept.or_else(|| {
+                Redis::connect(&s.target, s.timeout)
+                    .inspect_err(|e| tracing::error!(error = %e, "cannot set up the cache Redis"))
+                    .ok()
+            })
+            .map(|r| RedisTier::new(r, config.cache.max_object_size))
+        });
         Snapshot {
             router: Router::new(&config.routes),
             routes,
             upstreams,
             limit_redis,
+            cache_redis,
             config: Arc::new(config),
         }
     }
@@ -134,6 +157,9 @@ pub struct Shared {
     pub ready: AtomicBool,
     /// Rate-limit stores; the memory state outlives reloads.
     pub limiter: RateLimiter,
+    /// The response cache's memory tier and in-flight fetches; outlives reloads
+    /// (`cache.memory` and `cache.max_object_size` take effect at restart).
+    pub cache: Arc<ResponseCache>,
     started: std::time::Instant,
     last_warning: AtomicU64,
     request_prefix: u64,
@@ -145,12 +171,14 @@ impl Shared {
     pub fn new(config: Config) -> Arc<Shared> {
         let metrics = Metrics::new();
         let limiter = RateLimiter::new(config.rate_limit.max_keys);
+        let cache = ResponseCache::new(config.cache.memory, config.cache.max_object_size, &metrics);
         let snapshot = Snapshot::build(config, None, &metrics);
         Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics,
             ready: AtomicBool::new(false),
             limiter,
+            cache,
             started: std::time::Instant::now(),
             last_warning: AtomicU64::new(0),
             request_prefix: fastrand::u64(..),

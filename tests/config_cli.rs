@@ -365,12 +365,36 @@ fn check_expands_environment_variables() {
 }
 
 #[test]
-fn check_says_later_features_are_not_supported_yet() {
-    let text = "[cache]\nmemory = \"1MiB\"\n\n[upstreams.u]\nreplicas = [\"http://127.0.0.1:1\"]\n\n[upstreams.u.health]\npath = \"/health\"\n\n[[routes]]\nname = \"a\"\nupstream = \"u\"\ncache = { ttl = \"60s\" }\n";
+fn check_reports_bad_cache_values() {
+    let text = "[cache]\nmemory = \"1KiB\"\n\n[upstreams.u]\nreplicas = [\"http://127.0.0.1:1\"]\n\n[[routes]]\nname = \"a\"\nupstream = \"u\"\ncache = { ttl = \"60s\", statuses = [206] }\n";
     let c = check(text);
     c.failed_with(2);
-    c.has_error(text, "[cache]", "cache", "is not supported yet");
-    c.has_error(text, "{ ttl", "routes[0].cache", "is not supported yet");
+    c.has_error(
+        text,
+        "\"1KiB\"",
+        "cache.memory",
+        "must be from 1MiB to 1TiB",
+    );
+    c.has_error(
+        text,
+        "206]",
+        "routes[0].cache.statuses[0]",
+        "allowed are 200 to 599 except 206 and 304",
+    );
+}
+
+#[test]
+fn check_says_later_features_are_not_supported_yet() {
+    let text = "[server]\nlisten = [\"127.0.0.1:0\"]\n\n[server.tls]\nlisten = [\"127.0.0.1:0\"]\ncertificates = [{ cert = \"a.pem\", key = \"a.key\" }]\n\n[upstreams.u]\nreplicas = [\"https://127.0.0.1:1\"]\n\n[[routes]]\nname = \"a\"\nupstream = \"u\"\n";
+    let c = check(text);
+    c.failed_with(2);
+    c.has_error(text, "[server.tls]", "server.tls", "is not supported yet");
+    c.has_error(
+        text,
+        "\"https://127.0.0.1:1\"",
+        "upstreams.u.replicas[0]",
+        "https replicas are not supported yet",
+    );
 }
 
 #[test]

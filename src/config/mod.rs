@@ -45,6 +45,53 @@ pub struct Config {
     pub rate_limit: RateLimitSettings,
     /// Every rate-limit policy: `[rate_limits.*]` first (sorted by name), then inline ones.
     pub rate_limit_policies: Vec<PolicySpec>,
+    /// `[cache]`.
+    pub cache: CacheSettings,
+}
+
+/// `[cache]`: where cached responses live and how large they may be.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheSettings {
+    /// Byte budget of the memory tier (bodies, headers and keys).
+    pub memory: u64,
+    /// Larger responses stream through unstored.
+    pub max_object_size: u64,
+    /// The shared tier, if configured.
+    pub redis: Option<RedisSettings>,
+}
+
+/// Which query parameters are part of a cache key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueryKey {
+    /// Every parameter, sorted.
+    All,
+    /// No parameter.
+    None,
+    /// Every parameter but these, sorted.
+    Ignore(Vec<String>),
+    /// Only these, sorted.
+    Allow(Vec<String>),
+}
+
+/// A route's `cache = {...}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteCacheSpec {
+    /// Freshness for responses whose origin gives none (or for all, without `respect_origin`).
+    pub ttl: Duration,
+    /// How long past freshness a stale entry is served while it is refreshed in the background.
+    pub stale_while_revalidate: Duration,
+    /// How long past freshness a stale entry is served when the upstream fails.
+    pub stale_if_error: Duration,
+    /// Request headers that are always part of the key (besides the origin's `Vary`).
+    pub vary: Vec<http::HeaderName>,
+    /// Query parameters in the key.
+    pub query: QueryKey,
+    /// Whether the origin's Cache-Control and Expires win over `ttl`.
+    pub respect_origin: bool,
+    /// Response statuses that may be stored.
+    pub statuses: Vec<u16>,
+    /// Whether responses with Set-Cookie may be stored (the cookie is replayed to everyone).
+    pub allow_set_cookie: bool,
 }
 
 /// `[rate_limit]`: where rate-limit state lives.
@@ -221,6 +268,8 @@ pub struct RouteSpec {
     pub upstream: usize,
     /// Index into [`Config::rate_limit_policies`].
     pub rate_limit: Option<usize>,
+    /// Response caching, if on for this route.
+    pub cache: Option<RouteCacheSpec>,
 }
 
 /// Reads and validates a config file.
@@ -308,8 +357,87 @@ mod tests {
 
     #[test]
     fn later_features_are_refused_not_ignored() {
-        let e = errors(&format!("{MINIMAL}[cache]\nmemory = \"1MiB\"\n"));
-        assert!(e[0].contains("cache: is not supported yet"), "{e:?}");
+        let e = errors(&format!(
+            "[server.tls]\nlisten = [\"127.0.0.1:8443\"]\ncertificates = []\n{MINIMAL}"
+        ));
+        assert!(e[0].contains("server.tls: is not supported yet"), "{e:?}");
+    }
+
+    #[test]
+    fn cache_settings_and_defaults() {
+        let text = MINIMAL.replace(
+            "upstream = \"u\"",
+            "upstream = \"u\"\ncache = { ttl = \"60s\", stale_while_revalidate = \"30s\", vary = [\"Accept-Language\"], query = { ignore = [\"utm_source\"] } }",
+        ) + "[cache]\nmemory = \"64MiB\"\nmax_object_size = \"1MiB\"\n";
+        let c = parse(&text, Path::new("t.toml")).unwrap();
+        assert_eq!(c.cache.memory, 64 << 20);
+        assert_eq!(c.cache.max_object_size, 1 << 20);
+        let rc = c.routes[0].cache.as_ref().unwrap();
+        assert_eq!(rc.ttl, Duration::from_secs(60));
+        assert_eq!(rc.stale_while_revalidate, Duration::from_secs(30));
+        assert_eq!(rc.stale_if_error, Duration::ZERO);
+        assert_eq!(rc.vary, vec![http::header::ACCEPT_LANGUAGE]);
+        assert_eq!(rc.query, QueryKey::Ignore(vec!["utm_source".into()]));
+        assert!(rc.respect_origin && !rc.allow_set_cookie);
+        assert_eq!(rc.statuses, vec![200, 203, 204, 300, 301, 404, 410]);
+        let d = parse(MINIMAL, Path::new("t.toml")).unwrap();
+        assert_eq!(
+            (d.cache.memory, d.cache.max_object_size),
+            (256 << 20, 8 << 20)
+        );
+        assert!(d.routes[0].cache.is_none());
+    }
+
+    #[test]
+    fn bad_cache_settings_name_their_key() {
+        let route = |c: &str| {
+            errors(&MINIMAL.replace(
+                "upstream = \"u\"",
+                &format!("upstream = \"u\"\ncache = {c}"),
+            ))
+        };
+        let e = route("{ statuses = [200, 206, 99] }");
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(
+            e[0].starts_with("t.toml:6:28: routes[0].cache.statuses[1]: 206"),
+            "{e:?}"
+        );
+        let e = route("{ vary = [\"Bad Header\"] }");
+        assert!(
+            e[0].contains("routes[0].cache.vary[0]: invalid header name"),
+            "{e:?}"
+        );
+        let e = route("{ query = \"some\" }");
+        assert!(
+            e[0].contains("routes[0].cache.query: unknown value \"some\""),
+            "{e:?}"
+        );
+        let e = route("{ query = { ignore = [\"a\"], allow = [\"b\"] } }");
+        assert!(
+            e[0].contains("routes[0].cache.query: give either ignore or allow"),
+            "{e:?}"
+        );
+        let e = route("{ ttl = \"soon\" }");
+        assert!(e[0].contains("invalid duration"), "{e:?}");
+        let e = errors(&format!(
+            "{MINIMAL}[cache]\nmemory = \"1KiB\"\nmax_object_size = \"2GiB\"\n"
+        ));
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(
+            e[0].starts_with("t.toml:7:10: cache.memory: must be from 1MiB"),
+            "{e:?}"
+        );
+        assert!(
+            e[1].starts_with("t.toml:8:19: cache.max_object_size: must be from 1B"),
+            "{e:?}"
+        );
+        let e = errors(&format!(
+            "{MINIMAL}[cache]\nredis = {{ url = \"redis://127.0.0.1:1\", on_error = \"deny\" }}\n"
+        ));
+        assert!(
+            e[0].contains("cache.redis.on_error: only rate_limit.redis takes on_error"),
+            "{e:?}"
+        );
     }
 
     #[test]

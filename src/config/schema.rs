@@ -81,9 +81,9 @@ pub struct RawLog {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCache {
-    pub memory: Option<ByteSize>,
-    pub max_object_size: Option<ByteSize>,
-    pub redis: Option<RawRedis>,
+    pub memory: Option<Spanned<ByteSize>>,
+    pub max_object_size: Option<Spanned<ByteSize>>,
+    pub redis: Option<Spanned<RawRedis>>,
 }
 
 /// A Redis connection (`cache.redis`, `rate_limit.redis`).
@@ -247,12 +247,33 @@ pub struct RawMatch {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRouteCache {
-    pub ttl: Option<Duration>,
-    pub stale_while_revalidate: Option<Duration>,
-    pub stale_if_error: Option<Duration>,
-    pub vary: Option<Vec<Text>>,
+    pub ttl: Option<Spanned<Duration>>,
+    pub stale_while_revalidate: Option<Spanned<Duration>>,
+    pub stale_if_error: Option<Spanned<Duration>>,
+    pub vary: Option<Spanned<Vec<Spanned<Text>>>>,
     pub respect_origin: Option<bool>,
-    pub statuses: Option<Vec<i64>>,
-    pub query: Option<toml::Value>,
+    pub statuses: Option<Spanned<Vec<Spanned<i64>>>>,
+    pub query: Option<Spanned<RawQueryKey>>,
     pub allow_set_cookie: Option<bool>,
+}
+
+/// A route's `cache.query`: `"all"`, `"none"`, `{ ignore = [...] }` or `{ allow = [...] }`.
+#[derive(Debug, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "\"all\", \"none\", { ignore = [\"NAME\", ...] } or { allow = [\"NAME\", ...] }"
+)]
+pub enum RawQueryKey {
+    /// `"all"` or `"none"`.
+    Word(Text),
+    /// `{ ignore = [...] }` or `{ allow = [...] }`.
+    Lists(RawQueryLists),
+}
+
+/// The table form of `cache.query`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQueryLists {
+    pub ignore: Option<Vec<Text>>,
+    pub allow: Option<Vec<Text>>,
 }

@@ -87,7 +87,7 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> 
     let server = server(&mut c, &raw.server);
     let admin = admin(&mut c, &raw.admin);
     let log = log(&mut c, &raw.log);
-    c.not_yet(&raw.cache, "cache", "response cache");
+    let cache = cache_settings(&mut c, raw.cache.as_ref());
     let rate_limit = rate_limit_settings(&mut c, raw.rate_limit.as_ref());
     let mut policies = Vec::new();
     for (name, p) in raw.rate_limits.iter().flatten() {
@@ -119,6 +119,7 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> 
             routes,
             rate_limit,
             rate_limit_policies: policies,
+            cache,
         })
     } else {
         c.errors.sort_by_key(|e| (e.line, e.column));
@@ -656,7 +657,7 @@ fn replica_url(raw: &str) -> Result<String, String> {
         Some("http") => {}
         Some("https") => {
             return Err(format!(
-                "https replicas are {NOT_YET} (they come with the TLS work): {allowed}"
+                "https replicas are not supported yet (they come with the TLS work): {allowed}"
             ));
         }
         Some(s) => return Err(format!("unsupported scheme {s:?} in {raw:?}: {allowed}")),
@@ -832,7 +833,10 @@ fn routes(
                 Some(ms)
             }
         };
-        c.not_yet(&r.cache, &format!("{key}.cache"), "response cache");
+        let cache = r
+            .cache
+            .as_ref()
+            .map(|rc| route_cache(c, rc.get_ref(), &format!("{key}.cache")));
         let rate_limit = match &r.rate_limit {
             None => None,
             Some(rl) => match rl.get_ref() {
@@ -887,9 +891,183 @@ fn routes(
             methods,
             upstream,
             rate_limit,
+            cache,
         });
     }
     out
+}
+
+/// Statuses stored when a route's `cache.statuses` is not given (RFC 9110's heuristically
+/// cacheable ones that a proxy sees without range requests).
+const DEFAULT_CACHE_STATUSES: [u16; 7] = [200, 203, 204, 300, 301, 404, 410];
+
+fn cache_settings(c: &mut Checker, raw: Option<&Spanned<RawCache>>) -> CacheSettings {
+    let mut out = CacheSettings {
+        memory: 256 << 20,
+        max_object_size: 8 << 20,
+        redis: None,
+    };
+    let Some(raw) = raw else { return out };
+    let raw = raw.get_ref();
+    if let Some(m) = &raw.memory {
+        let v = m.get_ref().0;
+        if !(1 << 20..=1 << 40).contains(&v) {
+            c.err(
+                m,
+                "cache.memory",
+                format!("must be from 1MiB to 1TiB, not {}", m.get_ref()),
+            );
+        } else {
+            out.memory = v;
+        }
+    }
+    if let Some(m) = &raw.max_object_size {
+        let v = m.get_ref().0;
+        let max = out.memory.min(512 << 20);
+        if v == 0 || v > max {
+            c.err(
+                m,
+                "cache.max_object_size",
+                format!(
+                    "must be from 1B to the smaller of cache.memory and 512MiB ({max} bytes), not {}",
+                    m.get_ref()
+                ),
+            );
+        } else {
+            out.max_object_size = v;
+        }
+    }
+    if let Some(r) = &raw.redis {
+        if let Some(o) = &r.get_ref().on_error {
+            c.err(
+                o,
+                "cache.redis.on_error",
+                "only rate_limit.redis takes on_error; a cache whose Redis fails always falls back to memory and the origin, so remove it",
+            );
+        }
+        out.redis = redis_settings(
+            c,
+            r.get_ref(),
+            "cache.redis",
+            Duration::from_millis(50),
+            OnError::Allow,
+        );
+    }
+    out
+}
+
+fn route_cache(c: &mut Checker, raw: &RawRouteCache, key: &str) -> RouteCacheSpec {
+    let window = |v: &Option<Spanned<values::Duration>>| {
+        v.as_ref().map_or(Duration::ZERO, |d| d.get_ref().0)
+    };
+    let mut vary = Vec::new();
+    if let Some(list) = &raw.vary {
+        if list.get_ref().len() > crate::cache::MAX_VARY {
+            c.err(
+                list,
+                format!("{key}.vary"),
+                format!(
+                    "names {} headers; at most {} are allowed",
+                    list.get_ref().len(),
+                    crate::cache::MAX_VARY
+                ),
+            );
+        }
+        for (i, h) in list.get_ref().iter().enumerate() {
+            match http::HeaderName::from_bytes(h.get_ref().trim().as_bytes()) {
+                Ok(name) if vary.contains(&name) => {
+                    c.err(h, format!("{key}.vary[{i}]"), format!("{name} is listed twice"))
+                }
+                Ok(name) => vary.push(name),
+                Err(_) => c.err(
+                    h,
+                    format!("{key}.vary[{i}]"),
+                    format!("invalid header name {:?}: write a request header such as \"Accept-Language\"", h.get_ref().0),
+                ),
+            }
+        }
+    }
+    let mut statuses = Vec::new();
+    match &raw.statuses {
+        None => statuses.extend(DEFAULT_CACHE_STATUSES),
+        Some(list) if list.get_ref().is_empty() => c.err(
+            list,
+            format!("{key}.statuses"),
+            "must list at least one status, like [200, 404], or be left out for the default",
+        ),
+        Some(list) => {
+            for (i, s) in list.get_ref().iter().enumerate() {
+                let n = *s.get_ref();
+                let k = format!("{key}.statuses[{i}]");
+                if !(200..=599).contains(&n) || n == 206 || n == 304 {
+                    c.err(
+                        s,
+                        k,
+                        format!("{n} cannot be stored: allowed are 200 to 599 except 206 and 304"),
+                    );
+                } else if statuses.contains(&(n as u16)) {
+                    c.err(s, k, format!("{n} is listed twice"));
+                } else {
+                    statuses.push(n as u16);
+                }
+            }
+        }
+    }
+    let query = match &raw.query {
+        None => QueryKey::All,
+        Some(q) => match q.get_ref() {
+            RawQueryKey::Word(w) => match w.as_ref() {
+                "all" => QueryKey::All,
+                "none" => QueryKey::None,
+                other => {
+                    c.err(q, format!("{key}.query"), format!("unknown value {other:?}: allowed are \"all\", \"none\", {{ ignore = [...] }} and {{ allow = [...] }}"));
+                    QueryKey::All
+                }
+            },
+            RawQueryKey::Lists(l) => {
+                let names = |list: &[Text]| {
+                    let mut v: Vec<String> = list.iter().map(|t| t.trim().to_owned()).collect();
+                    v.sort();
+                    v.dedup();
+                    v
+                };
+                let bad = |list: &[Text]| {
+                    list.iter()
+                        .any(|t| t.trim().is_empty() || t.contains(['&', '=', '#', ' ']))
+                };
+                match (&l.ignore, &l.allow) {
+                    (Some(i), None) if !bad(i) => QueryKey::Ignore(names(i)),
+                    (None, Some(a)) if !bad(a) => QueryKey::Allow(names(a)),
+                    (Some(_), None) | (None, Some(_)) => {
+                        c.err(
+                            q,
+                            format!("{key}.query"),
+                            "parameter names may not be empty or hold &, =, # or spaces",
+                        );
+                        QueryKey::All
+                    }
+                    _ => {
+                        c.err(
+                            q,
+                            format!("{key}.query"),
+                            "give either ignore or allow, like { ignore = [\"utm_source\"] }",
+                        );
+                        QueryKey::All
+                    }
+                }
+            }
+        },
+    };
+    RouteCacheSpec {
+        ttl: window(&raw.ttl),
+        stale_while_revalidate: window(&raw.stale_while_revalidate),
+        stale_if_error: window(&raw.stale_if_error),
+        vary,
+        query,
+        respect_origin: raw.respect_origin.unwrap_or(true),
+        statuses,
+        allow_set_cookie: raw.allow_set_cookie.unwrap_or(false),
+    }
 }
 
 fn rate_limit_settings(

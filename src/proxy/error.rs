@@ -2,6 +2,7 @@
 //! `{"error": {"code": N, "message": "...", "request_id": "..."}}`.
 
 use crate::body::ResponseBody;
+use crate::cache::CacheError;
 use crate::upstream::UpstreamError;
 use http::{HeaderValue, Method, Response, StatusCode, header};
 
@@ -65,6 +66,9 @@ pub enum ProxyError {
     /// The replica failed or could not be reached.
     #[error("upstream request failed: {0}")]
     Upstream(UpstreamError),
+    /// The cache could not answer a request that allows only the cache.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
 }
 
 impl From<UpstreamError> for ProxyError {
@@ -106,6 +110,7 @@ impl ProxyError {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             ProxyError::Upstream(UpstreamError::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Cache(CacheError::NotCached) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
         }
     }

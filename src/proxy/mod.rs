@@ -1,15 +1,18 @@
 //! The request pipeline: one function that reads as the story of a request.
 //!
-//! check the request → route → client identity and rate limit → (cache: a later issue) →
-//! forward to a replica (balancer, retries: [`crate::upstream::Upstream::forward`]) → respond. Each step calls into its own module; each early return is an
-//! answer Palisade makes itself ([`ProxyError`]).
+//! check the request → route → client identity → rate limit → cache lookup → forward to a
+//! replica (balancer and retries: [`crate::upstream::Upstream::forward`]) → cache store →
+//! respond. Each step calls into its own module; each early return is an answer Palisade makes
+//! itself ([`ProxyError`]) or one the cache makes.
 
 mod error;
 pub mod headers;
+mod refresh;
 
 pub use error::ProxyError;
 
 use crate::body::{AccessRecord, RequestBody, ResponseBody};
+use crate::cache::{CacheKey, CacheRequest, CacheResult, Finish, Lookup};
 use crate::metrics::NO_ROUTE;
 use crate::ratelimit::gcra::Decision;
 use crate::ratelimit::{OnError, Policy, identity};
@@ -57,6 +60,10 @@ pub async fn handle(
     h.insert(&headers::X_REQUEST_ID, request_id.clone());
     h.append(header::VIA, via);
     let status = resp.status();
+    let cache = resp
+        .extensions()
+        .get::<CacheResult>()
+        .map_or(NO_ROUTE, |r| r.as_str());
     let counters = match route {
         Some(i) => {
             snap.routes[i]
@@ -79,6 +86,7 @@ pub async fn handle(
             replica: replica.unwrap_or_else(|| Arc::from(NO_ROUTE)),
             status: status.as_u16(),
             request_id,
+            cache,
         }));
     }
     resp
@@ -141,8 +149,48 @@ async fn forward(
             .map_err(|e| (e, Some(route)))?,
     };
 
-    // 4. Forward to a replica picked by the balancer among the available ones (on failure,
+    // 4. Cache lookup: hits, stale entries and conditional requests are answered here.
+    let mut pending = None;
+    if let Some(policy) = &snap.routes[route].cache {
+        let lookup = CacheRequest {
+            method: req.method(),
+            headers: req.headers(),
+            host: &host,
+            path: req.uri().path(),
+            query: req.uri().query(),
+        };
+        match shared
+            .cache
+            .lookup(
+                policy,
+                snap.cache_redis.as_ref(),
+                lookup,
+                upstream.spec.timeout,
+            )
+            .await
+        {
+            Ok(Lookup::Answer {
+                response,
+                result,
+                refresh,
+            }) => {
+                let mut response = *response;
+                policy.count(result);
+                if let Some(r) = refresh {
+                    refresh::spawn(shared, snap, conn, &req, upstream.clone(), r);
+                }
+                add_limit_headers(response.headers_mut(), limit_headers);
+                response.extensions_mut().insert(result);
+                return Ok((response, Some(route), None));
+            }
+            Ok(Lookup::Forward(p)) => pending = Some(p),
+            Err(e) => return Err((ProxyError::from(e), Some(route))),
+        }
+    }
+
+    // 5. Forward to a replica picked by the balancer among the available ones (on failure,
     //    retried on another one when the method and the retry budget allow), streaming the body.
+    //    When none can answer, a stale entry within stale_if_error answers instead.
     let client_ip = identity::client_ip(conn.peer.ip(), req.headers(), &server.trusted_proxies);
     let affinity = upstream.affinity(client_ip, req.headers());
     let trusted = headers::is_trusted(conn.peer.ip(), &server.trusted_proxies);
@@ -172,6 +220,9 @@ async fn forward(
         .headers
         .insert(&headers::X_REQUEST_ID, request_id.clone());
     parts.version = Version::HTTP_11;
+    if let Some(p) = &pending {
+        p.prepare_upstream(&mut parts.headers);
+    }
     let body = if body_is_empty(&parts.headers, &body) {
         RequestBody::empty()
     } else if let Some(len) = upstream.keeps_body(&parts.headers) {
@@ -181,27 +232,109 @@ async fn forward(
     } else {
         RequestBody::new(body, server.max_request_body)
     };
-    let (upstream_resp, in_flight) = upstream
+    let (upstream_resp, in_flight) = match upstream
         .forward(Request::from_parts(parts, body), affinity)
         .await
-        .map_err(|e| (ProxyError::from(e), Some(route)))?;
+    {
+        Ok(answer) => answer,
+        Err(e) => {
+            if let Some(stale) = pending.as_ref().and_then(|p| p.on_error(None)) {
+                return Ok(stale_answer(snap, route, stale, limit_headers));
+            }
+            return Err((ProxyError::from(e), Some(route)));
+        }
+    };
     let replica = in_flight.replica().clone();
-
-    // 6. Respond.
     let (mut parts, body) = upstream_resp.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
-    if let Some((policy, state)) = limit_headers {
-        parts
-            .headers
-            .insert(headers::RATELIMIT_POLICY.clone(), policy);
-        parts.headers.insert(headers::RATELIMIT.clone(), state);
+
+    // 6. Cache store: decide on the response head; the body is copied as it streams.
+    let mut capture = None;
+    let mut cache_result = None;
+    if let Some(p) = pending {
+        let finish = p
+            .finish(&mut parts, |location| {
+                location_key(snap, &host_value, location)
+            })
+            .await;
+        let result = match finish {
+            Finish::Pass(r) => r,
+            Finish::Store(r, c) => {
+                capture = Some(c);
+                r
+            }
+            Finish::Replace(response, r) => {
+                let mut response = *response;
+                count_cache(snap, route, r);
+                add_limit_headers(response.headers_mut(), limit_headers);
+                response.extensions_mut().insert(r);
+                return Ok((response, Some(route), Some(replica.url.clone())));
+            }
+        };
+        count_cache(snap, route, result);
+        cache_result = Some(result);
     }
-    let body = ResponseBody::upstream(body, upstream.spec.timeout, in_flight);
-    Ok((
-        Response::from_parts(parts, body),
-        Some(route),
-        Some(replica.url.clone()),
-    ))
+
+    // 7. Respond.
+    add_limit_headers(&mut parts.headers, limit_headers);
+    let mut body = ResponseBody::upstream(body, upstream.spec.timeout, in_flight);
+    if let Some(c) = capture {
+        body.capture(c);
+    }
+    let mut response = Response::from_parts(parts, body);
+    if let Some(r) = cache_result {
+        response.extensions_mut().insert(r);
+    }
+    Ok((response, Some(route), Some(replica.url.clone())))
+}
+
+fn add_limit_headers(h: &mut http::HeaderMap, limit: Option<(HeaderValue, HeaderValue)>) {
+    if let Some((policy, state)) = limit {
+        h.insert(headers::RATELIMIT_POLICY.clone(), policy);
+        h.insert(headers::RATELIMIT.clone(), state);
+    }
+}
+
+fn count_cache(snap: &Snapshot, route: usize, result: CacheResult) {
+    if let Some(p) = &snap.routes[route].cache {
+        p.count(result);
+    }
+}
+
+/// A stale entry served instead of an upstream failure (stale-if-error).
+fn stale_answer(
+    snap: &Snapshot,
+    route: usize,
+    mut response: Response<ResponseBody>,
+    limit: Option<(HeaderValue, HeaderValue)>,
+) -> Answer {
+    count_cache(snap, route, CacheResult::Stale);
+    add_limit_headers(response.headers_mut(), limit);
+    response.extensions_mut().insert(CacheResult::Stale);
+    (response, Some(route), None)
+}
+
+/// The cache key a Location or Content-Location names, when it is on the request's own host
+/// and a cached route.
+fn location_key(snap: &Snapshot, host: &str, location: &str) -> Option<CacheKey> {
+    let uri: http::Uri = location.parse().ok()?;
+    let host = normalize_host(host);
+    if let Some(a) = uri.authority()
+        && normalize_host(a.as_str()) != host
+    {
+        return None;
+    }
+    let path = uri.path();
+    if !path.starts_with('/') {
+        return None;
+    }
+    match snap.router.find(&host, path, &http::Method::GET) {
+        RouteMatch::Found(i) => snap.routes[i]
+            .cache
+            .as_ref()
+            .map(|p| p.key(&host, path, uri.query())),
+        _ => None,
+    }
 }
 
 /// Decides the rate limit of a request; on success, the `RateLimit-Policy` and `RateLimit`
@@ -278,7 +411,7 @@ fn body_is_empty(h: &http::HeaderMap, body: &Incoming) -> bool {
 }
 
 /// The Host the client asked for: the Host header, else the URI's authority (HTTP/2).
-fn request_host<B>(req: &Request<B>) -> std::borrow::Cow<'_, str> {
+pub(super) fn request_host<B>(req: &Request<B>) -> std::borrow::Cow<'_, str> {
     if let Some(h) = req
         .headers()
         .get(header::HOST)

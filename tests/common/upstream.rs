@@ -9,6 +9,10 @@
 //! - `hang=1`: never answer.
 //! - `hop=1`: add hop-by-hop response headers (Connection and the header it names, Keep-Alive,
 //!   Proxy-*, Trailer, Upgrade).
+//! - Caching: `cc=V` sets Cache-Control (percent-encoded), `vary=V` Vary, `etag=T` an ETag `"T"`
+//!   (a request whose If-None-Match names it gets 304), `lm=1` a fixed Last-Modified (an
+//!   If-Modified-Since at or after it gets 304), `cookie=1` a Set-Cookie, `loc=PATH` Location,
+//!   `cl=N` a Content-Length of N whatever the body (a lying upstream).
 //!
 //! Without `size`, the body is JSON: `{"replica", "method", "path", "headers": [[k, v], ..],
 //! "received"}`: the request as this replica saw it. Every request body is read as a stream and
@@ -257,9 +261,32 @@ fn query(req: &Request<Incoming>) -> HashMap<String, String> {
         .unwrap_or("")
         .split('&')
         .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .map(|(k, v)| (k.to_owned(), percent_decode(v)))
         .collect()
 }
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && let Some(v) = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The Last-Modified that `lm=1` sets.
+pub const LAST_MODIFIED: &str = "Thu, 01 Jan 2026 00:00:00 GMT";
 
 struct InFlightGuard(Arc<State>);
 impl Drop for InFlightGuard {
@@ -333,6 +360,23 @@ impl Ctx {
             .or_else(|| Some(self.settings.status.load(Ordering::SeqCst)).filter(|&s| s != 0))
             .and_then(|s| StatusCode::from_u16(s as u16).ok())
             .unwrap_or(StatusCode::OK);
+        let etag = q.get("etag").map(|t| format!("\"{t}\""));
+        let header_of = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        let not_modified = match (&etag, header_of("if-none-match")) {
+            (Some(t), Some(inm)) => inm.split(',').any(|x| x.trim() == t),
+            _ => {
+                q.contains_key("lm")
+                    && header_of("if-modified-since").is_some_and(|ims| {
+                        httpdate::parse_http_date(ims).ok()
+                            >= httpdate::parse_http_date(LAST_MODIFIED).ok()
+                    })
+            }
+        };
 
         let mut resp = match num("size") {
             Some(size) => {
@@ -364,6 +408,37 @@ impl Ctx {
             }
         };
         *resp.status_mut() = status;
+        if not_modified {
+            resp = Response::new(GenBody::full(Bytes::new()));
+            *resp.status_mut() = StatusCode::NOT_MODIFIED;
+        }
+        {
+            let h = resp.headers_mut();
+            let set = |h: &mut http::HeaderMap, k: &'static str, v: &str| {
+                h.insert(k, HeaderValue::from_str(v).expect("header value"));
+            };
+            if let Some(v) = q.get("cc") {
+                set(h, "cache-control", v);
+            }
+            if let Some(v) = q.get("vary") {
+                set(h, "vary", v);
+            }
+            if let Some(t) = &etag {
+                set(h, "etag", t);
+            }
+            if q.contains_key("lm") {
+                set(h, "last-modified", LAST_MODIFIED);
+            }
+            if q.contains_key("cookie") {
+                set(h, "set-cookie", "session=secret; Path=/");
+            }
+            if let Some(v) = q.get("loc") {
+                set(h, "location", v);
+            }
+            if let Some(v) = q.get("cl") {
+                set(h, "content-length", v);
+            }
+        }
         resp.headers_mut()
             .insert("x-replica", HeaderValue::from_str(&self.name).unwrap());
         if q.contains_key("hop") {
