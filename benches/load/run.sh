@@ -11,6 +11,10 @@
 #              NICE (-10: every benchmark process runs at this niceness, ahead of other work)
 #              BASELINE (path to another palisade binary, measured as a fourth target "baseline"
 #              in the same rounds, for before/after comparisons on a noisy machine)
+#              CACHE (1: also measure cache hits: "ncache", nginx with proxy_cache
+#              (proxy_cache_valid 200 60s), against "pcache", Palisade with a 60 s route cache, on
+#              one URL; and "pkeys", Palisade cycling over KEYS (100000) distinct cached URLs,
+#              filled by a WARMUP_KEYS (20 s) warm-up, against its own single-key figure)
 #              RATELIMIT (1: also measure "limited", Palisade with a rate limit on the route that
 #              is never reached, against plain "palisade"; and "redis", the same limit kept in a
 #              redis-server on core 1, reporting Redis round trips per request)
@@ -32,6 +36,9 @@ KEEP=${KEEP:-0}
 BASELINE=${BASELINE:-}
 NICE=${NICE:--10}
 RATELIMIT=${RATELIMIT:-1}
+CACHE=${CACHE:-1}
+export KEYS=${KEYS:-100000}
+WARMUP_KEYS=${WARMUP_KEYS:-20}
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 HERE="$ROOT/benches/load"
@@ -49,6 +56,9 @@ LIMITED_ADMIN_PORT=$((PORT_BASE + 41))
 REDIS_LIMITED_PORT=$((PORT_BASE + 50))
 REDIS_LIMITED_ADMIN_PORT=$((PORT_BASE + 51))
 REDIS_PORT=$((PORT_BASE + 60))
+NCACHE_PORT=$((PORT_BASE + 70))
+PCACHE_PORT=$((PORT_BASE + 80))
+PCACHE_ADMIN_PORT=$((PORT_BASE + 81))
 URL_PATH=/api/items/42
 
 for tool in nginx wrk taskset curl; do
@@ -150,17 +160,19 @@ redis_scripts() { # script calls Redis has served so far (EVALSHA and EVAL)
 RESULTS="$WORK/results"
 : >"$RESULTS"
 
-measure() { # target port round
+measure() { # target port round [wrk script]: the cgroup is the port's owner's
     local target=$1 port=$2 round=$3 cg="$CGROOT/palisade-bench-$1" out="$WORK/wrk-$1-$3.txt"
-    local url="http://127.0.0.1:$port$URL_PATH"
-    timeout $((WARMUP + 10)) nice -n "$NICE" taskset -c 1 wrk -t"$THREADS" -c"$CONNECTIONS" -d"${WARMUP}s" "$url" >/dev/null
+    local url="http://127.0.0.1:$port$URL_PATH" script=() warm=$WARMUP
+    [ -n "${4:-}" ] && script=(-s "$4") && warm=$WARMUP_KEYS
+    [ "$target" = pkeys ] && cg="$CGROOT/palisade-bench-pcache"
+    timeout $((warm + 10)) nice -n "$NICE" taskset -c 1 wrk -t"$THREADS" -c"$CONNECTIONS" -d"${warm}s" "${script[@]}" "$url" >/dev/null
     read -r p0 t0 < <(throttled "$cg")
     read -r b0 a0 < <(cpu1_ticks)
     local c0 c1
     c0=$(cg_ticks "$cg")
     local r0=0
     [ "$target" = redis ] && r0=$(redis_scripts)
-    timeout $((DURATION + 15)) nice -n "$NICE" taskset -c 1 wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency "$url" >"$out"
+    timeout $((DURATION + 15)) nice -n "$NICE" taskset -c 1 wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency "${script[@]}" "$url" >"$out"
     read -r b1 a1 < <(cpu1_ticks)
     read -r p1 t1 < <(throttled "$cg")
     c1=$(cg_ticks "$cg")
@@ -192,6 +204,7 @@ ORIGIN="$ROOT/target/release/examples/origin"
 TARGETS="origin nginx palisade"
 [ -n "$BASELINE" ] && TARGETS="$TARGETS baseline"
 [ "$RATELIMIT" = 1 ] && TARGETS="$TARGETS limited redis"
+[ "$CACHE" = 1 ] && TARGETS="$TARGETS ncache pcache pkeys"
 runs=$((ROUNDS * $(echo $TARGETS | wc -w)))
 ( sleep $((runs * (WARMUP + DURATION + 5) + 60)) && echo "watchdog: time is up" >&2 && kill -TERM $$ ) 2>/dev/null &
 WATCHDOG=$!
@@ -203,6 +216,17 @@ fill "$HERE/palisade.toml.in" "$PALISADE_PORT" "$WORK/palisade.toml"
 "$PALISADE" check -c "$WORK/palisade.toml" >/dev/null
 [ -n "$BASELINE" ] && fill "$HERE/palisade.toml.in" "$BASELINE_PORT" "$WORK/baseline.toml" "$BASELINE_ADMIN_PORT"
 nginx -t -q -p "$WORK" -c "$WORK/nginx.conf"
+if [ "$CACHE" = 1 ]; then
+    sed -e 's|nginx.pid|nginx-cache.pid|' -e 's|nginx-error.log|nginx-cache-error.log|' \
+        -e 's|^http {|http {\n    proxy_cache_path @DIR@/cache levels=1:2 keys_zone=bench:64m max_size=512m inactive=10m;|' \
+        -e 's|proxy_pass http://origin;|proxy_pass http://origin;\n            proxy_cache bench;\n            proxy_cache_valid 200 60s;|' \
+        "$HERE/nginx.conf.in" >"$WORK/nginx-cache.conf.in"
+    fill "$WORK/nginx-cache.conf.in" "$NCACHE_PORT" "$WORK/nginx-cache.conf"
+    nginx -t -q -p "$WORK" -c "$WORK/nginx-cache.conf"
+    fill "$HERE/palisade.toml.in" "$PCACHE_PORT" "$WORK/pcache.toml" "$PCACHE_ADMIN_PORT"
+    printf 'cache = { ttl = "60s" }\n\n[cache]\nmemory = "512MiB"\n' >>"$WORK/pcache.toml"
+    "$PALISADE" check -c "$WORK/pcache.toml" >/dev/null
+fi
 if [ "$RATELIMIT" = 1 ]; then
     # The route (the last table of the template) gets a limit far above what any run reaches.
     fill "$HERE/palisade.toml.in" "$LIMITED_PORT" "$WORK/limited.toml" "$LIMITED_ADMIN_PORT"
@@ -232,12 +256,20 @@ if [ "$RATELIMIT" = 1 ]; then
     start_capped redis "$WORK/redis.log" "$PALISADE" run -c "$WORK/redis.toml"
     ports="$ports $LIMITED_PORT $REDIS_LIMITED_PORT"
 fi
+if [ "$CACHE" = 1 ]; then
+    make_cgroup ncache >/dev/null
+    make_cgroup pcache >/dev/null
+    start_capped ncache "$WORK/nginx-cache.log" nginx -p "$WORK" -c "$WORK/nginx-cache.conf"
+    start_capped pcache "$WORK/pcache.log" "$PALISADE" run -c "$WORK/pcache.toml"
+    ports="$ports $NCACHE_PORT $PCACHE_PORT"
+fi
 if [ -n "$BASELINE" ]; then
     start_capped baseline "$WORK/baseline.log" "$BASELINE" run -c "$WORK/baseline.toml"
     ports="$ports $BASELINE_PORT"
 fi
 for port in $ports; do wait_ready "$port"; done
 for t in $TARGETS; do
+    [ "$t" = pkeys ] && continue
     echo "  $t: tasks in $CGROOT/palisade-bench-$t: $(wc -l <"$CGROOT/palisade-bench-$t/tasks")"
 done
 
@@ -253,6 +285,9 @@ for round in $(seq "$ROUNDS"); do
             baseline) measure baseline "$BASELINE_PORT" "$round" ;;
             limited) measure limited "$LIMITED_PORT" "$round" ;;
             redis) measure redis "$REDIS_LIMITED_PORT" "$round" ;;
+            ncache) measure ncache "$NCACHE_PORT" "$round" ;;
+            pcache) measure pcache "$PCACHE_PORT" "$round" ;;
+            pkeys) measure pkeys "$PCACHE_PORT" "$round" "$HERE/keys.lua" ;;
         esac
     done
 done
@@ -280,6 +315,14 @@ awk -v targets="$TARGETS" '
             lok = (l >= 0.95)
             printf "\nrate limit never reached / unlimited: req/s %.2fx, p99 %.2fx (bar >= 0.95x: %s)\n", l, p99["limited"] / p99["palisade"], lok ? "PASS" : "FAIL"
             printf "global limit in Redis: %.0f req/s (%.2fx unlimited), p99 %.3f ms\n", rps["redis"], rps["redis"] / rps["palisade"], p99["redis"]
+        }
+        if ("pcache" in n) {
+            c = rps["pcache"] / rps["ncache"]; cq = p99["pcache"] / p99["ncache"]
+            cok = (c >= 1.6 && cq <= 1.0)
+            printf "\ncache hits, Palisade/nginx proxy_cache: req/s %.2fx, p99 %.2fx (bar >= 1.6x and p99 <= nginx: %s)\n", c, cq, cok ? "PASS" : "FAIL"
+            k = rps["pkeys"] / rps["pcache"]
+            kok = (k >= 0.9)
+            printf "cache hits over %d keys / one key: req/s %.2fx (bar >= 0.9x: %s)\n", ENVIRON["KEYS"], k, kok ? "PASS" : "FAIL"
         }
     }' "$RESULTS"
 if [ -f "$WORK/redis-round-trips" ]; then

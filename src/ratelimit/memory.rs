@@ -3,9 +3,10 @@
 //!
 //! Bound: at most `max_keys` entries in all (default 1,000,000), each a pair of `u64` in a hash
 //! table, about 40 bytes with the table's spare room, so 40 MB at most. Entries whose time has
-//! passed are equivalent to absent (a full bucket) and are dropped by a sweep; when a shard is
-//! full of live entries, the oldest-found live entry gives way, which can only make a limit more
-//! lenient for that one client, never stricter.
+//! passed are equivalent to absent (a full bucket) and are dropped by a sweep every 10 s; when a
+//! shard is full, one entry gives way at once (a full bucket if one of the first few looked at
+//! is, else a live one, which can only make a limit more lenient for that one client, never
+//! stricter), so a flood of new clients costs each decision constant time.
 
 use super::gcra::{Decision, Gcra};
 use std::collections::HashMap;
@@ -52,11 +53,23 @@ impl MemoryStore {
         let (decision, store) = gcra.decide(stored, now);
         if let Some(tat) = store {
             if stored.is_none() && table.len() >= self.per_shard {
-                table.retain(|_, t| *t > now);
-                if table.len() >= self.per_shard
-                    && let Some(victim) = table.keys().next().copied()
-                {
-                    table.remove(&victim);
+                // Full: one entry gives way, in constant time (never a scan per request, so a
+                // flood of new clients costs each decision no more): a full bucket among the
+                // first few looked at, else the first of them.
+                let victim = {
+                    let mut first = None;
+                    let mut idle = None;
+                    for (k, t) in table.iter().take(8) {
+                        first.get_or_insert(*k);
+                        if *t <= now {
+                            idle = Some(*k);
+                            break;
+                        }
+                    }
+                    idle.or(first)
+                };
+                if let Some(v) = victim {
+                    table.remove(&v);
                 }
             }
             table.insert(key, tat);
