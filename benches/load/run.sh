@@ -217,7 +217,9 @@ fill "$HERE/palisade.toml.in" "$PALISADE_PORT" "$WORK/palisade.toml"
 [ -n "$BASELINE" ] && fill "$HERE/palisade.toml.in" "$BASELINE_PORT" "$WORK/baseline.toml" "$BASELINE_ADMIN_PORT"
 nginx -t -q -p "$WORK" -c "$WORK/nginx.conf"
 if [ "$CACHE" = 1 ]; then
+    # The worker runs as root so that it may write its cache under the private work directory.
     sed -e 's|nginx.pid|nginx-cache.pid|' -e 's|nginx-error.log|nginx-cache-error.log|' \
+        -e 's|^worker_processes 1;|user root;\nworker_processes 1;|' \
         -e 's|^http {|http {\n    proxy_cache_path @DIR@/cache levels=1:2 keys_zone=bench:64m max_size=512m inactive=10m;|' \
         -e 's|proxy_pass http://origin;|proxy_pass http://origin;\n            proxy_cache bench;\n            proxy_cache_valid 200 60s;|' \
         "$HERE/nginx.conf.in" >"$WORK/nginx-cache.conf.in"
