@@ -102,7 +102,8 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted_proxies: &[IpNet]) -
     client
 }
 
-/// Appends the value of one key part to `out`; `false` if the request does not have it.
+/// Appends the value of one key part to `out` (an address as its raw octets); `false` if the
+/// request does not have it.
 pub fn append_part(
     part: &KeyPart,
     client: IpAddr,
@@ -112,8 +113,16 @@ pub fn append_part(
 ) -> bool {
     match part {
         KeyPart::ClientIp => {
-            use std::io::Write;
-            let _ = write!(out, "{client}");
+            match client {
+                IpAddr::V4(a) => {
+                    out.push(b'4');
+                    out.extend_from_slice(&a.octets());
+                }
+                IpAddr::V6(a) => {
+                    out.push(b'6');
+                    out.extend_from_slice(&a.octets());
+                }
+            }
             true
         }
         KeyPart::Header(name) => {
@@ -244,6 +253,6 @@ mod tests {
             &uri,
             &mut out
         ));
-        assert_eq!(out, b"k1abc192.0.2.1");
+        assert_eq!(out, b"k1abc4\xc0\x00\x02\x01");
     }
 }

@@ -14,6 +14,7 @@ use gcra::{Decision, Gcra};
 use http::{HeaderMap, HeaderValue, Uri};
 use identity::KeyPart;
 use memory::MemoryStore;
+use std::fmt::Write as _;
 use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -83,6 +84,8 @@ pub struct Policy {
     seed: u64,
     /// `RateLimit-Policy` value, made once.
     pub policy_header: HeaderValue,
+    /// The name as a quoted string for the `RateLimit` header, made once.
+    quoted_name: String,
 }
 
 impl Policy {
@@ -112,6 +115,7 @@ impl Policy {
                 }
             },
             redis_prefix,
+            quoted_name: format!("\"{}\"", spec.name.replace(['"', '\\'], "_")),
             seed: h.finish(),
             policy_header,
             spec,
@@ -121,12 +125,11 @@ impl Policy {
     /// The `RateLimit` header value for a decision.
     pub fn ratelimit_header(&self, d: &Decision) -> HeaderValue {
         let t = d.reset_after.as_secs() + u64::from(d.reset_after.subsec_nanos() > 0);
-        HeaderValue::from_str(&format!(
-            "\"{}\";r={};t={t}",
-            self.spec.name.replace(['"', '\\'], "_"),
-            d.remaining
-        ))
-        .unwrap_or(HeaderValue::from_static("\"limit\""))
+        let mut v = String::with_capacity(self.quoted_name.len() + 24);
+        v.push_str(&self.quoted_name);
+        let _ = write!(v, ";r={};t={t}", d.remaining);
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(v))
+            .unwrap_or(HeaderValue::from_static("\"limit\""))
     }
 }
 
