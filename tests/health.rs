@@ -408,3 +408,47 @@ async fn consistent_hash_keeps_a_key_on_its_replica() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_kept_bodies_are_retried() {
+    bounded(60, async {
+        let alive = Upstream::start("alive");
+        let dead = format!("http://{}", dead_addr());
+        let config = format!(
+            "{}[upstreams.u]\nreplicas = [\"{dead}\", \"{}\"]\nbalance = \"round_robin\"\nretry = {{ attempts = 1, on = [\"connect\"], budget = \"100%\", min_per_second = 1000, max_body = \"1KiB\" }}\n\n[[routes]]\nname = \"r\"\nupstream = \"u\"\n",
+            base_config(""),
+            alive.url()
+        );
+        let p = Palisade::start(&config).await;
+        let c = http1();
+        // A small body with a Content-Length is kept: a connect failure on the dead replica is
+        // retried on the live one, which gets the whole body.
+        for i in 0..6 {
+            let r = send(&c, Request::post(p.url(&format!("/small/{i}"))).body(full("order=42")).unwrap()).await;
+            assert_eq!(r.status, 200, "small body {i}: {}", r.text());
+        }
+        let retried = metric_value(&p.metrics().await, "palisade_retries_total", &[("upstream", "u")]).unwrap();
+        assert!(retried >= 1.0, "the dead replica was tried first at least once");
+        let small: Vec<_> = alive.seen().into_iter().filter(|s| s.path.starts_with("/small/")).collect();
+        assert_eq!(small.len(), 6);
+        assert!(small.iter().all(|s| s.received == 8), "every retried body arrived whole");
+        // A streamed (chunked) body, or one over retry.max_body, is sent once: on the dead
+        // replica it fails with 502 and is not retried.
+        let mut statuses = Vec::new();
+        for i in 0..6 {
+            let chunked = send(&c, Request::post(p.url(&format!("/chunked/{i}"))).body(zeros_chunked(100)).unwrap()).await;
+            statuses.push((chunked.status.as_u16(), 0));
+        }
+        for (i, s) in statuses.iter_mut().enumerate() {
+            let large = send(&c, Request::post(p.url(&format!("/large/{i}"))).body(zeros(4096)).unwrap()).await;
+            s.1 = large.status.as_u16();
+        }
+        let chunked_502 = statuses.iter().filter(|(c, _)| *c == 502).count();
+        let large_502 = statuses.iter().filter(|(_, l)| *l == 502).count();
+        assert!(chunked_502 > 0 && large_502 > 0, "bodies that are not kept are not retried: {statuses:?}");
+        assert!(statuses.iter().all(|(c, l)| matches!(c, 200 | 502) && matches!(l, 200 | 502)), "{statuses:?}");
+        let after = metric_value(&p.metrics().await, "palisade_retries_total", &[("upstream", "u")]).unwrap();
+        assert_eq!(after, retried, "no retry was sent for a body that was not kept");
+    })
+    .await;
+}
