@@ -6,7 +6,7 @@
 //! seed nodes.
 
 use arc_swap::ArcSwapOption;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use std::sync::Arc;
@@ -196,19 +196,8 @@ impl Redis {
         for a in args {
             inv.arg(*a);
         }
-        match &self.conn {
-            Conn::Single(m) => {
-                let mut m = m.clone();
-                self.timed(inv.invoke_async(&mut m)).await
-            }
-            Conn::Cluster(slot) => {
-                let Some(c) = slot.load_full() else {
-                    return Err(RedisError::NotConnected);
-                };
-                let mut c = (*c).clone();
-                self.timed(inv.invoke_async(&mut c)).await
-            }
-        }
+        let mut conn = self.handle()?;
+        self.timed(inv.invoke_async(&mut conn)).await
     }
 
     async fn timed<T>(
@@ -233,20 +222,55 @@ impl Redis {
 
     /// Runs any command, within the timeout.
     pub async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, RedisError> {
+        let mut conn = self.handle()?;
+        self.timed(cmd.query_async(&mut conn)).await
+    }
+
+    /// A handle on the connection for one command (cheap: both kinds are shared handles).
+    fn handle(&self) -> Result<Handle, RedisError> {
         match &self.conn {
-            Conn::Single(m) => {
-                let mut m = m.clone();
-                self.timed(async move { cmd.query_async(&mut m).await })
-                    .await
-            }
-            Conn::Cluster(slot) => {
-                let Some(c) = slot.load_full() else {
-                    return Err(RedisError::NotConnected);
-                };
-                let mut c = (*c).clone();
-                self.timed(async move { cmd.query_async(&mut c).await })
-                    .await
-            }
+            Conn::Single(m) => Ok(Handle::Single(m.clone())),
+            Conn::Cluster(slot) => slot
+                .load_full()
+                .map(|c| Handle::Cluster((*c).clone()))
+                .ok_or(RedisError::NotConnected),
+        }
+    }
+}
+
+/// One command's connection: a server's or a cluster's, behind one `ConnectionLike`.
+enum Handle {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Handle {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Handle::Single(c) => c.req_packed_command(cmd),
+            Handle::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Handle::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Handle::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Handle::Single(c) => c.get_db(),
+            Handle::Cluster(c) => c.get_db(),
         }
     }
 }

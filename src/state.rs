@@ -8,7 +8,7 @@
 //! response cache lives in [`Shared`], so cached entries outlive reloads.
 
 use crate::cache::{CachePolicy, RedisTier, ResponseCache};
-use crate::config::{Config, ConfigErrors};
+use crate::config::{Config, ConfigErrors, RedisSettings};
 use crate::metrics::{Metrics, RequestCounters};
 use crate::ratelimit::{Policy, RateLimiter};
 use crate::redis::Redis;
@@ -96,28 +96,20 @@ impl Snapshot {
             })
             .collect();
         let limit_redis = config.rate_limit.redis.as_ref().and_then(|s| {
-            let kept = previous
-                .and_then(|p| p.limit_redis.as_ref())
-                .filter(|r| r.target == s.target && r.timeout() == s.timeout);
-            match kept {
-                Some(r) => Some(r.clone()),
-                None => Redis::connect(&s.target, s.timeout)
-                    .inspect_err(
-                        |e| tracing::error!(error = %e, "cannot set up the rate-limit Redis"),
-                    )
-                    .ok(),
-            }
+            redis_for(
+                s,
+                previous.and_then(|p| p.limit_redis.as_ref()),
+                "rate-limit",
+            )
         });
         let cache_redis = config.cache.redis.as_ref().and_then(|s| {
-            let kept = previous
-                .and_then(|p| p.cache_redis.as_ref())
-                .filter(|t| t.redis().target == s.target && t.redis().timeout() == s.timeout)
-                .map(|t| t.redis().clone());
-            kept.or_else(|| {
-                Redis::connect(&s.target, s.timeout)
-                    .inspect_err(|e| tracing::error!(error = %e, "cannot set up the cache Redis"))
-                    .ok()
-            })
+            redis_for(
+                s,
+                previous
+                    .and_then(|p| p.cache_redis.as_ref())
+                    .map(|t| t.redis()),
+                "cache",
+            )
             .map(|r| RedisTier::new(r, config.cache.max_object_size))
         });
         Snapshot {
@@ -243,4 +235,17 @@ fn hex(mut v: u64, out: &mut [u8]) {
         *b = DIGITS[(v & 0xf) as usize];
         v >>= 4;
     }
+}
+
+/// The Redis connection for `settings`: the previous snapshot's when it points at the same
+/// place with the same timeout (so a reload keeps it), else a new one.
+fn redis_for(settings: &RedisSettings, previous: Option<&Redis>, what: &str) -> Option<Redis> {
+    if let Some(r) =
+        previous.filter(|r| r.target == settings.target && r.timeout() == settings.timeout)
+    {
+        return Some(r.clone());
+    }
+    Redis::connect(&settings.target, settings.timeout)
+        .inspect_err(|e| tracing::error!(error = %e, "cannot set up the {what} Redis"))
+        .ok()
 }

@@ -133,16 +133,6 @@ impl Policy {
     }
 }
 
-/// The outcome of a rate-limit check.
-pub enum Verdict {
-    /// Pass; the decision feeds the response headers.
-    Allowed(Decision),
-    /// Refuse with 429.
-    Limited(Decision),
-    /// The request lacks the keyed value and `missing = "deny"`.
-    MissingKey(String),
-}
-
 /// The stores decisions are made in.
 pub struct RateLimiter {
     /// This instance's state; it outlives config reloads.
@@ -181,8 +171,8 @@ impl RateLimiter {
         }
     }
 
-    /// Builds the client key of `policy` for a request; `None` if a keyed value is missing and
-    /// the policy denies such requests.
+    /// Builds the client key of `policy` for a request; an error (the 400 message) if a keyed
+    /// value is missing and the policy denies such requests.
     pub fn key(
         &self,
         policy: &Policy,
