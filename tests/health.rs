@@ -452,3 +452,33 @@ async fn only_kept_bodies_are_retried() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_budget_keeps_retries_from_multiplying_load() {
+    bounded(30, async {
+        let replicas: Vec<Upstream> = (0..3).map(|i| Upstream::start(&format!("r{i}"))).collect();
+        for r in &replicas {
+            r.settings.status.store(503, Ordering::SeqCst);
+        }
+        let urls: Vec<String> = replicas.iter().map(|r| r.url()).collect();
+        let config = simple_config(
+            "",
+            "retry = { attempts = 2, on = [\"503\"], budget = \"10%\", min_per_second = 0 }",
+            &urls,
+        );
+        let p = Palisade::start(&config).await;
+        let client = http1();
+        for _ in 0..40 {
+            assert_eq!(get(&client, &p.url("/x"), &[]).await.status, 503);
+        }
+        let hits: u64 = replicas.iter().map(|r| r.hits()).sum();
+        let m = p.metrics().await;
+        let retries = metric_value(&m, "palisade_retries_total", &[("upstream", "backend")]).unwrap();
+        let exhausted = metric_value(&m, "palisade_retry_budget_exhausted_total", &[("upstream", "backend")]).unwrap();
+        println!("retry budget: 40 requests, {hits} upstream hits, {retries} retries, {exhausted} refused by the budget");
+        assert!(retries <= 5.0, "retries stay within 10% of requests: {retries}");
+        assert_eq!(hits, 40 + retries as u64, "every retry reached a replica, nothing more");
+        assert!(exhausted >= 30.0, "the budget refused the rest: {exhausted}");
+    })
+    .await;
+}
