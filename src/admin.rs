@@ -4,11 +4,15 @@
 //! It is a separate socket from the public listeners, so no public request can reach it. When
 //! `admin.token` is set, every path but the health checks needs `Authorization: Bearer TOKEN`.
 //!
+//! `POST /admin/reload` reloads the config file as SIGHUP does and answers with the outcome;
+//! `GET /admin/config` shows the effective config with secrets redacted.
+//!
 //! `POST /admin/purge` with `{"url": "http://host/path?q"}`, `{"prefix": "/products/"}` or
 //! `{"route": "products"}` removes cached responses from both tiers.
 
 use crate::body::ResponseBody;
 use crate::cache::PurgeTarget;
+use crate::reload::{Reloader, Trigger};
 use crate::router::{RouteMatch, normalize_host};
 use crate::state::Shared;
 use http::{Method, Request, Response, StatusCode, header};
@@ -22,7 +26,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 /// Serves the admin endpoints on `listener` until the process exits.
-pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+pub async fn serve(shared: Arc<Shared>, reloader: Arc<Reloader>, listener: TcpListener) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -32,11 +36,11 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
                 continue;
             }
         };
-        let shared = shared.clone();
+        let (shared, reloader) = (shared.clone(), reloader.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let shared = shared.clone();
-                async move { Ok::<_, std::convert::Infallible>(respond(&shared, req).await) }
+                let (shared, reloader) = (shared.clone(), reloader.clone());
+                async move { Ok::<_, std::convert::Infallible>(respond(&shared, &reloader, req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -64,7 +68,11 @@ fn error(status: StatusCode, message: &str) -> Response<ResponseBody> {
     )
 }
 
-async fn respond(shared: &Shared, req: Request<Incoming>) -> Response<ResponseBody> {
+async fn respond(
+    shared: &Shared,
+    reloader: &Reloader,
+    req: Request<Incoming>,
+) -> Response<ResponseBody> {
     let path = req.uri().path();
     if path == "/healthz" {
         return json(StatusCode::OK, serde_json::json!({"status": "ok"}));
@@ -111,12 +119,44 @@ async fn respond(shared: &Shared, req: Request<Incoming>) -> Response<ResponseBo
         (&Method::GET, "/admin/upstreams") => {
             json(StatusCode::OK, upstreams(&shared.snapshot.load()))
         }
-        (_, "/metrics" | "/admin/upstreams") => error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+        (&Method::GET, "/admin/config") => json(
+            StatusCode::OK,
+            crate::config::show::effective_json(&shared.snapshot.load().config),
+        ),
+        (_, "/metrics" | "/admin/upstreams" | "/admin/config") => {
+            error(StatusCode::METHOD_NOT_ALLOWED, "use GET")
+        }
+        (&Method::POST, "/admin/reload") => reload(reloader),
+        (_, "/admin/reload") => error(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
         (&Method::POST, "/admin/purge") => purge(shared, req).await,
         (_, "/admin/purge") => error(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
         _ => error(
             StatusCode::NOT_FOUND,
-            "unknown admin path; try /metrics, /healthz, /readyz, /admin/upstreams or POST /admin/purge",
+            "unknown admin path; try /metrics, /healthz, /readyz, /admin/upstreams, /admin/config, POST /admin/reload or POST /admin/purge",
+        ),
+    }
+}
+
+/// `POST /admin/reload`: 200 with what is now running, or 422 with every error (file:line:col)
+/// while the running config stays.
+fn reload(reloader: &Reloader) -> Response<ResponseBody> {
+    match reloader.reload(Trigger::Admin) {
+        Ok(c) => json(
+            StatusCode::OK,
+            serde_json::json!({
+                "status": "reloaded",
+                "file": c.file.display().to_string(),
+                "routes": c.routes.len(),
+                "upstreams": c.upstreams.len(),
+            }),
+        ),
+        Err(errors) => json(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            serde_json::json!({"error": {
+                "code": 422,
+                "message": "config reload rejected; keeping the running config",
+                "errors": errors.0.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+            }}),
         ),
     }
 }

@@ -1,6 +1,7 @@
 //! The command line: `run` (the default), `check`, `demo`.
 
 use crate::config::{self, Config, LogFormat};
+use crate::reload::{Reloader, Trigger};
 use crate::state::Shared;
 use crate::{admin, demo, server::Server};
 use clap::{Args, Parser, Subcommand};
@@ -214,8 +215,9 @@ fn init_logging(c: &Config) -> tracing_appender::non_blocking::WorkerGuard {
 }
 
 fn run(path: &Path) -> ExitCode {
-    match config::load(path) {
-        Ok(c) => serve(c, None),
+    let loaded = config::read(path).and_then(|text| Ok((config::parse(&text, path)?, text)));
+    match loaded {
+        Ok((c, text)) => serve(c, Start::File(text)),
         Err(e) => {
             print_errors(&e);
             ExitCode::FAILURE
@@ -226,7 +228,7 @@ fn run(path: &Path) -> ExitCode {
 fn run_demo() -> ExitCode {
     let path = PathBuf::from("config/demo.toml (embedded)");
     match config::parse(config::DEMO_CONFIG, &path) {
-        Ok(c) => serve(c, Some(demo::start)),
+        Ok(c) => serve(c, Start::Demo),
         Err(e) => {
             print_errors(&e);
             ExitCode::FAILURE
@@ -234,10 +236,16 @@ fn run_demo() -> ExitCode {
     }
 }
 
-type BeforeStart = fn(&Config) -> std::io::Result<()>;
+/// Where a served config came from.
+enum Start {
+    /// A file, with the text it held; reloads and the file watcher read it again.
+    File(String),
+    /// The embedded demo config, with demo replicas started first; there is no file to watch.
+    Demo,
+}
 
 /// Runs the proxy with a validated config until SIGTERM or SIGINT.
-fn serve(config: Config, before: Option<BeforeStart>) -> ExitCode {
+fn serve(config: Config, start: Start) -> ExitCode {
     let _log_guard = init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.server.workers)
@@ -251,8 +259,8 @@ fn serve(config: Config, before: Option<BeforeStart>) -> ExitCode {
         }
     };
     let code = runtime.block_on(async move {
-        if let Some(before) = before
-            && let Err(e) = before(&config)
+        if matches!(start, Start::Demo)
+            && let Err(e) = demo::start(&config)
         {
             tracing::error!(error = %e, "demo replicas failed to start");
             return ExitCode::FAILURE;
@@ -269,7 +277,21 @@ fn serve(config: Config, before: Option<BeforeStart>) -> ExitCode {
         if let Ok(local) = admin_listener.local_addr() {
             tracing::info!(listener = "admin", addr = %local, "listening");
         }
-        tokio::spawn(admin::serve(shared.clone(), admin_listener));
+        let server = Server::new(shared.clone());
+        let (loaded_text, watch) = match start {
+            Start::File(text) => (Some(text), true),
+            Start::Demo => (None, false),
+        };
+        let reloader = Arc::new(Reloader::new(shared.clone(), server.clone(), loaded_text));
+        let _watcher = if watch {
+            reloader
+                .watch()
+                .inspect_err(|e| tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP or POST /admin/reload"))
+                .ok()
+        } else {
+            None
+        };
+        tokio::spawn(admin::serve(shared.clone(), reloader.clone(), admin_listener));
         let sweeper = shared.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(std::time::Duration::from_secs(10));
@@ -278,20 +300,23 @@ fn serve(config: Config, before: Option<BeforeStart>) -> ExitCode {
                 sweeper.limiter.memory.sweep();
             }
         });
-        let server = Server::new(shared.clone());
         if let Err(e) = server.sync_listeners() {
             tracing::error!(error = %e, "cannot bind a public listener");
             return ExitCode::FAILURE;
         }
         shared.ready.store(true, Ordering::Release);
         tracing::info!(version = env!("CARGO_PKG_VERSION"), "palisade started");
-        wait_for_signals(&shared, &server).await
+        wait_for_signals(&shared, &server, &reloader).await
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     code
 }
 
-async fn wait_for_signals(shared: &Arc<Shared>, server: &Arc<Server>) -> ExitCode {
+async fn wait_for_signals(
+    shared: &Arc<Shared>,
+    server: &Arc<Server>,
+    reloader: &Reloader,
+) -> ExitCode {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::hangup()),
@@ -303,7 +328,7 @@ async fn wait_for_signals(shared: &Arc<Shared>, server: &Arc<Server>) -> ExitCod
     };
     loop {
         tokio::select! {
-            _ = hup.recv() => reload(shared, server),
+            _ = hup.recv() => { let _ = reloader.reload(Trigger::Signal); }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -316,33 +341,4 @@ async fn wait_for_signals(shared: &Arc<Shared>, server: &Arc<Server>) -> ExitCod
         tracing::warn!("drain timeout passed with connections still open; exiting");
     }
     ExitCode::SUCCESS
-}
-
-/// Reloads the config file (SIGHUP); an invalid file keeps the running config.
-pub fn reload(shared: &Arc<Shared>, server: &Arc<Server>) {
-    let before = shared.snapshot.load().config.clone();
-    match shared.reload() {
-        Ok(now) => {
-            if now.admin != before.admin {
-                tracing::warn!("admin listener changes take effect at restart");
-            }
-            if now.log != before.log {
-                tracing::warn!("log settings take effect at restart");
-            }
-            if now.server.workers != before.server.workers
-                || now.server.max_connections != before.server.max_connections
-            {
-                tracing::warn!("server.workers and server.max_connections take effect at restart");
-            }
-            if let Err(e) = server.sync_listeners() {
-                tracing::error!(error = %e, "reloaded, but a new listener could not be bound");
-            }
-            tracing::info!(file = %now.file.display(), routes = now.routes.len(), "config reloaded");
-        }
-        Err(errors) => {
-            for e in &errors.0 {
-                tracing::error!(error = %e, "config reload rejected; keeping the running config");
-            }
-        }
-    }
 }

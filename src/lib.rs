@@ -9,7 +9,8 @@
 //! ```
 //!
 //! - [`config`]: the TOML file, validation with file:line:col errors, loading.
-//! - [`state`]: the config compiled into a snapshot behind an `ArcSwap`; reload.
+//! - [`state`]: the config compiled into a snapshot behind an `ArcSwap`.
+//! - [`reload`]: reload on SIGHUP, `POST /admin/reload` and a change of the file.
 //! - [`server`]: public listeners, connection limits and timeouts, graceful drain.
 //! - [`router`]: host → longest path prefix → method.
 //! - [`proxy`]: the request pipeline, header rules, error responses.
@@ -30,6 +31,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
 pub mod redis;
+pub mod reload;
 pub mod router;
 pub mod server;
 pub mod state;

@@ -8,7 +8,7 @@
 //! response cache lives in [`Shared`], so cached entries outlive reloads.
 
 use crate::cache::{CachePolicy, RedisTier, ResponseCache};
-use crate::config::{Config, ConfigErrors, RedisSettings};
+use crate::config::{Config, RedisSettings};
 use crate::metrics::{Metrics, RequestCounters};
 use crate::ratelimit::{Policy, RateLimiter};
 use crate::redis::Redis;
@@ -183,26 +183,6 @@ impl Shared {
         let previous = self.snapshot.load();
         let next = Snapshot::build(config, Some(&previous), &self.metrics);
         self.snapshot.store(Arc::new(next));
-    }
-
-    /// Re-reads the config file of the running snapshot and installs it if it is valid.
-    /// An invalid file leaves the running config in place.
-    pub fn reload(&self) -> Result<Arc<Config>, ConfigErrors> {
-        let path = self.snapshot.load().config.file.clone();
-        match crate::config::load(&path) {
-            Ok(config) => {
-                self.install(config);
-                self.metrics.config_reloads.with_label_values(&["ok"]).inc();
-                Ok(self.snapshot.load().config.clone())
-            }
-            Err(e) => {
-                self.metrics
-                    .config_reloads
-                    .with_label_values(&["error"])
-                    .inc();
-                Err(e)
-            }
-        }
     }
 
     /// Runs `log` at most once a second, so that a failing dependency cannot flood the log.

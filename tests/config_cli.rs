@@ -681,3 +681,35 @@ upstream = "u"
         c.has_error(&text, needle, key, message);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_refuses_a_public_admin_listener_without_a_token() {
+    bounded(30, async {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "[server]\nlisten = [\"127.0.0.1:0\"]\n\n[admin]\nlisten = \"0.0.0.0:0\"\n\n[upstreams.u]\nreplicas = [\"http://127.0.0.1:1\"]\n\n[[routes]]\nname = \"a\"\nupstream = \"u\"\n";
+        let path = write(&dir, "public-admin.toml", text);
+        let out = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::process::Command::new(BIN).arg("run").arg("-c").arg(&path).kill_on_drop(true).output(),
+        )
+        .await
+        .expect("run must refuse at once")
+        .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!(
+                "error: {}:5:10: admin.listen: 0.0.0.0:0 is not a loopback address, so admin.token is required",
+                path.display()
+            )),
+            "{err}"
+        );
+
+        // With a token it starts, and the admin listener asks for it on everything but health.
+        let with_token = text.replace("[admin]\n", "[admin]\ntoken = \"t0k\"\n");
+        let good = write(&dir, "with-token.toml", &with_token);
+        let out = Command::new(BIN).arg("check").arg("-c").arg(&good).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    })
+    .await;
+}

@@ -271,6 +271,31 @@ async fn admin_paths_are_not_routed_when_no_route_matches() {
         assert_eq!(r.status, 404, "{}", r.text());
         assert_eq!(r.json()["error"]["code"], 404);
         assert!(!r.text().contains("palisade_requests_total"));
+        // No admin path, however spelled, does anything on the public listener.
+        for (method, path) in [
+            (http::Method::GET, "/admin/config"),
+            (http::Method::GET, "/admin/upstreams"),
+            (http::Method::POST, "/admin/reload"),
+            (http::Method::POST, "/admin/purge"),
+            (http::Method::GET, "/%61dmin/config"),
+            (http::Method::GET, "/readyz"),
+        ] {
+            let req = http::Request::builder()
+                .method(method.clone())
+                .uri(p.url(path))
+                .body(full("{\"prefix\": \"/\"}"))
+                .unwrap();
+            let r = send(&http1(), req).await;
+            assert_eq!(r.status, 404, "{method} {path}: {}", r.text());
+            assert_eq!(r.json()["error"]["code"], 404, "{method} {path}");
+            for admin_word in ["\"replicas\":", "\"status\":", "\"purged\":", "\"routes\":", "\"server\":"] {
+                assert!(!r.text().contains(admin_word), "{method} {path}: {}", r.text());
+            }
+        }
+        assert!(
+            !p.logs().iter().any(|l| l["message"] == "config reloaded"),
+            "a public POST /admin/reload must not reload"
+        );
         let (status, body) = p.admin_get("/metrics").await;
         assert_eq!(status, 200);
         assert!(metric_value(&body, "palisade_requests_total", &[("route", "-"), ("code", "404")]).is_some(), "{body}");

@@ -9,6 +9,7 @@ mod error;
     reason = "keys of later features are parsed now, so that typos in them are caught; their features read them"
 )]
 mod schema;
+pub mod show;
 mod validate;
 pub mod values;
 
@@ -37,6 +38,8 @@ pub struct Config {
     pub admin: AdminSettings,
     /// `[log]`.
     pub log: LogSettings,
+    /// `[reload]`.
+    pub reload: ReloadSettings,
     /// `[upstreams.*]`, sorted by name.
     pub upstreams: Vec<UpstreamSpec>,
     /// `[[routes]]`, in file order.
@@ -166,6 +169,16 @@ pub struct LogSettings {
     pub access_log: bool,
 }
 
+/// `[reload]`: when the config file is re-read besides SIGHUP and `POST /admin/reload`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReloadSettings {
+    /// Whether a change to the file on disk reloads it.
+    pub watch: bool,
+    /// Quiet time after the last change before the file is read, so that an editor's or a
+    /// deploy tool's several writes make one reload.
+    pub debounce: Duration,
+}
+
 /// How an upstream spreads requests over its replicas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Balance {
@@ -274,17 +287,20 @@ pub struct RouteSpec {
 
 /// Reads and validates a config file.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    let name = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    parse(&read(path)?, path)
+}
+
+/// Reads a config file's text, or says why it cannot.
+pub fn read(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
         ConfigErrors(vec![ConfigError {
-            file: name.clone(),
+            file: path.display().to_string(),
             line: 0,
             column: 0,
             key: String::new(),
             message: format!("cannot read the config file: {e}"),
         }])
-    })?;
-    parse(&text, path)
+    })
 }
 
 /// Validates config text; `path` names it in errors and is kept for reloads.

@@ -19,6 +19,8 @@ pub struct RawConfig {
     pub admin: RawAdmin,
     #[serde(default)]
     pub log: RawLog,
+    #[serde(default)]
+    pub reload: RawReload,
     pub cache: Option<Spanned<RawCache>>,
     pub rate_limit: Option<Spanned<RawGlobalRateLimit>>,
     pub rate_limits: Option<BTreeMap<Spanned<String>, Spanned<RawRateLimit>>>,
@@ -75,6 +77,14 @@ pub struct RawLog {
     pub format: Option<Spanned<Text>>,
     pub level: Option<Spanned<Text>>,
     pub access_log: Option<bool>,
+}
+
+/// `[reload]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawReload {
+    pub watch: Option<bool>,
+    pub debounce: Option<Spanned<Duration>>,
 }
 
 /// `[cache]`.

@@ -87,6 +87,17 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> 
     let server = server(&mut c, &raw.server);
     let admin = admin(&mut c, &raw.admin);
     let log = log(&mut c, &raw.log);
+    let reload = ReloadSettings {
+        watch: raw.reload.watch.unwrap_or(true),
+        debounce: match &raw.reload.debounce {
+            Some(d) if d.get_ref().0 > Duration::from_secs(60) => {
+                c.err(d, "reload.debounce", "must be at most 60s, like \"500ms\"");
+                Duration::from_millis(500)
+            }
+            Some(d) => d.get_ref().0,
+            None => Duration::from_millis(500),
+        },
+    };
     let cache = cache_settings(&mut c, raw.cache.as_ref());
     let rate_limit = rate_limit_settings(&mut c, raw.rate_limit.as_ref());
     let mut policies = Vec::new();
@@ -115,6 +126,7 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> 
             server,
             admin,
             log,
+            reload,
             upstreams,
             routes,
             rate_limit,

@@ -133,6 +133,30 @@ impl OutcomeSet {
         Ok(())
     }
 
+    /// The set in config names, with a full 500–599 range written as "5xx".
+    pub fn names(&self) -> Vec<String> {
+        let mut out: Vec<String> = [
+            (self.connect, "connect"),
+            (self.timeout, "timeout"),
+            (self.error, "error"),
+        ]
+        .into_iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, n)| n.to_owned())
+        .collect();
+        let has = |s: u16| self.contains(Outcome::Status(s));
+        let all_5xx = (500..=599).all(has);
+        if all_5xx {
+            out.push("5xx".to_owned());
+        }
+        out.extend(
+            (400..=599)
+                .filter(|&s| has(s) && !(all_5xx && s >= 500))
+                .map(|s| s.to_string()),
+        );
+        out
+    }
+
     fn set(&mut self, status: u16) {
         self.statuses[usize::from(status / 64)] |= 1 << (status % 64);
     }

@@ -203,14 +203,27 @@ impl Palisade {
         assert_eq!(rc, 0, "kill({}, {sig}) failed", self.pid());
     }
 
+    /// Replaces the config file atomically (write + rename), as deploy tools do.
+    pub fn write_config(&self, config: &str) {
+        let tmp = self.config_path.with_extension("toml.new");
+        std::fs::write(&tmp, config).expect("write config");
+        std::fs::rename(&tmp, &self.config_path).expect("rename config");
+    }
+
+    /// How many reloads the log shows so far: (installed, rejected lines).
+    pub fn reload_counts(&self) -> (usize, usize) {
+        (
+            self.count_logs(|l| l["message"] == "config reloaded"),
+            self.count_logs(is_rejection),
+        )
+    }
+
     /// Replaces the config file atomically (write + rename), sends SIGHUP and waits for the
     /// reload's outcome line. Returns it ("config reloaded" or the first rejection line).
     pub async fn reload(&self, config: &str) -> Value {
         let before_ok = self.count_logs(|l| l["message"] == "config reloaded");
         let before_err = self.count_logs(is_rejection);
-        let tmp = self.config_path.with_extension("toml.new");
-        std::fs::write(&tmp, config).expect("write config");
-        std::fs::rename(&tmp, &self.config_path).expect("rename config");
+        self.write_config(config);
         self.signal(libc::SIGHUP);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -302,6 +315,35 @@ impl Palisade {
         )
         .await;
         (r.status.as_u16(), r.text())
+    }
+
+    /// `method path` on the admin listener with an optional Bearer token and body.
+    pub async fn admin_request(
+        &self,
+        method: http::Method,
+        path: &str,
+        token: Option<&str>,
+        body: &str,
+    ) -> super::client::Reply {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.admin));
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let req = req
+            .body(super::client::full(body.to_owned()))
+            .expect("admin request");
+        super::client::send(&super::client::http1(), req).await
+    }
+
+    /// The /metrics text when the admin listener needs `token`.
+    pub async fn metrics_with(&self, token: &str) -> String {
+        let r = self
+            .admin_request(http::Method::GET, "/metrics", Some(token), "")
+            .await;
+        assert_eq!(r.status, 200, "/metrics: {}", r.text());
+        r.text()
     }
 
     /// The /metrics text.
