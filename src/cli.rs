@@ -97,6 +97,23 @@ pub fn summary(c: &Config) -> String {
         s_.workers,
         s_.max_connections
     );
+    if let Some(t) = &s_.tls {
+        let listen: Vec<String> = t.listen.iter().map(|a| a.to_string()).collect();
+        let _ = writeln!(
+            s,
+            "tls:       {} (TLS 1.2/1.3, h2 and HTTP/1.1 by ALPN)",
+            listen.join(", ")
+        );
+        for (i, cert) in t.certificates.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "  {}{} [{}]",
+                cert.cert_path.display(),
+                if i == t.default { " (default)" } else { "" },
+                cert.names.join(", ")
+            );
+        }
+    }
     let _ = writeln!(
         s,
         "admin:     {}{}",

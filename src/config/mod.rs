@@ -135,6 +135,8 @@ pub struct ServerSettings {
     pub workers: usize,
     /// How long shutdown waits for in-flight requests.
     pub drain_timeout: Duration,
+    /// `[server.tls]`: TLS listeners and their certificates.
+    pub tls: Option<crate::tls::ServerTls>,
 }
 
 /// Admin listener settings.
@@ -214,7 +216,7 @@ impl std::fmt::Display for HashOn {
 pub struct UpstreamSpec {
     /// Its name in the file.
     pub name: String,
-    /// Replica base URLs, normalized to `http://host:port`.
+    /// Replica base URLs, normalized to `http://host:port` or `https://host:port`.
     pub replicas: Vec<String>,
     /// Balancing rule.
     pub balance: Balance,
@@ -233,6 +235,9 @@ pub struct UpstreamSpec {
     pub circuit_breaker: Option<BreakerSpec>,
     /// `retry = {...}`: retries on another replica.
     pub retry: Option<RetrySpec>,
+    /// How `https://` replicas are reached (`[upstreams.NAME.tls]`, or system roots without
+    /// it); `None` when every replica is `http://`.
+    pub tls: Option<crate::tls::UpstreamTls>,
 }
 
 /// A host a route matches.
