@@ -6,9 +6,9 @@
 //! it runs; each handshake uses the certificates of the snapshot current when it starts, so a
 //! reload's new certificates apply to the next connection.
 //!
-//! Past `max_connections`, Palisade stops accepting (as HAProxy's `maxconn` does): new
-//! connections wait in the kernel's listen backlog until a slot frees, and are neither accepted
-//! nor reset. Timeouts are watched per connection by one timer that sleeps until the next
+//! Past `max_connections`, Palisade stops accepting (as HAProxy's `maxconn` does): each
+//! listener holds the one connection it accepted last, unserved, until a slot frees; the others
+//! wait in the kernel's listen backlog. None is reset. Timeouts are watched per connection by one timer that sleeps until the next
 //! deadline: `header_read_timeout` from the first byte of a request head while no request is
 //! in progress, and `idle_timeout` while no bytes move and no handler is waiting on an upstream
 //! (which covers both keep-alive idling and clients that stop reading a response).
@@ -357,7 +357,12 @@ impl Server {
             .listen
             .iter()
             .map(|a| (Transport::Plain, *a))
-            .chain(server.tls.iter().flat_map(|t| t.listen.iter().map(|a| (Transport::Tls, *a))))
+            .chain(
+                server
+                    .tls
+                    .iter()
+                    .flat_map(|t| t.listen.iter().map(|a| (Transport::Tls, *a))),
+            )
             .collect();
         let mut listeners = self.listeners.lock().expect("listener map");
         let mut bound = Vec::new();
@@ -394,11 +399,6 @@ impl Server {
         let mut shutdown = self.shutdown.subscribe();
         let mut backoff = Duration::from_millis(5);
         loop {
-            let permit = tokio::select! {
-                p = self.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-                _ = stop.changed() => return,
-                _ = shutdown.changed() => return,
-            };
             let accepted = tokio::select! {
                 r = listener.accept() => r,
                 _ = stop.changed() => return,
@@ -406,6 +406,13 @@ impl Server {
             };
             match accepted {
                 Ok((stream, peer)) => {
+                    // Every listener shares the slots, so none holds one while it waits for a
+                    // connection: the one accepted waits here, unserved, for a free slot.
+                    let permit = tokio::select! {
+                        p = self.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                        _ = stop.changed() => return,
+                        _ = shutdown.changed() => return,
+                    };
                     backoff = Duration::from_millis(5);
                     let this = self.clone();
                     tokio::spawn(async move {

@@ -584,6 +584,20 @@ pub fn describe(e: &(dyn std::error::Error + 'static)) -> Option<String> {
     let why = match rustls_error(e)? {
         E::InvalidCertificate(c) => match c {
             C::NotValidForName => "certificate not valid for the replica's name".to_owned(),
+            C::NotValidForNameContext {
+                expected,
+                presented,
+            } => {
+                let names: Vec<&str> = presented.iter().map(|p| presented_name(p)).collect();
+                let valid_for = match names.as_slice() {
+                    [] => "no name".to_owned(),
+                    names => names.join(", "),
+                };
+                format!(
+                    "certificate not valid for name {:?}; certificate is only valid for {valid_for}",
+                    expected.to_str()
+                )
+            }
             C::Expired => "certificate expired".to_owned(),
             C::NotValidYet => "certificate not valid yet".to_owned(),
             C::UnknownIssuer => "certificate signed by an unknown CA (not in the system roots, or not in tls.ca when it is set)".to_owned(),
@@ -609,4 +623,12 @@ pub fn describe(e: &(dyn std::error::Error + 'static)) -> Option<String> {
         other => other.to_string(),
     };
     Some(format!("TLS handshake failed: {why}"))
+}
+
+/// `other.test` out of rustls's `DnsName("other.test")` (or `IpAddress(..)`).
+fn presented_name(p: &str) -> &str {
+    match (p.find('('), p.rfind(')')) {
+        (Some(open), Some(close)) if open < close => p[open + 1..close].trim_matches('"'),
+        _ => p,
+    }
 }

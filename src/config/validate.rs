@@ -5,8 +5,8 @@ use super::schema::*;
 use super::values::Text;
 use super::*;
 use crate::ratelimit::{Missing, OnError, PolicySpec, identity::KeyPart};
-use crate::upstream::{BreakerSpec, HealthSpec, OutcomeSet, RetrySpec};
 use crate::tls::{CertFile, ServerCert, ServerTls, UpstreamTls, UpstreamTlsFile};
+use crate::upstream::{BreakerSpec, HealthSpec, OutcomeSet, RetrySpec};
 use rustls_pki_types::ServerName;
 use std::collections::{BTreeMap, HashMap};
 use toml::Spanned;
@@ -295,7 +295,10 @@ fn server_tls(c: &mut Checker, t: &Spanned<RawTls>, plain: &[SocketAddr]) -> Opt
                 None => default = Some(i),
             }
         }
-        match ServerCert::load(&c.file_path(e.cert.get_ref()), &c.file_path(e.key.get_ref())) {
+        match ServerCert::load(
+            &c.file_path(e.cert.get_ref()),
+            &c.file_path(e.key.get_ref()),
+        ) {
             Ok(cert) => certs.push(cert),
             Err((CertFile::Cert, err)) => c.err(&e.cert, format!("{key}.cert"), err.to_string()),
             Err((CertFile::Key, err)) => c.err(&e.key, format!("{key}.key"), err.to_string()),
