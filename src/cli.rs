@@ -200,6 +200,19 @@ pub fn summary(c: &Config) -> String {
                 r.budget * 100.0
             ));
         }
+        if let Some(t) = &u.tls {
+            let mut tls = match &t.ca {
+                Some(ca) => format!("TLS with CA {}", ca.display()),
+                None => "TLS with the system roots".to_owned(),
+            };
+            if let Some(c) = &t.client_cert {
+                tls.push_str(&format!(", client certificate {}", c.display()));
+            }
+            if let Some(n) = &t.server_name {
+                tls.push_str(&format!(", server name {}", n.to_str()));
+            }
+            extras.push(tls);
+        }
         if let Some(t) = u.panic_threshold {
             extras.push(format!("panic over {}% unavailable", t * 100.0));
         }

@@ -390,6 +390,13 @@ fn check_names_file_line_column_and_key_of_bad_certificate_files() {
         stdout.contains("other.pem (default) [other.test]"),
         "{stdout}"
     );
+    assert!(
+        stdout.contains(&format!(
+            "TLS with CA {}/good.pem, server name u.internal",
+            dir.path().display()
+        )),
+        "{stdout}"
+    );
 
     let bad = "[server]\nlisten = [\"127.0.0.1:0\"]\n\n[server.tls]\nlisten = [\"127.0.0.1:0\"]\ncertificates = [\n  { cert = \"missing.pem\", key = \"good.key\" },\n  { cert = \"garbage.pem\", key = \"good.key\" },\n  { cert = \"good.pem\", key = \"other.key\" },\n  { cert = \"good.pem\", key = \"good.pem\", default = true },\n]\n\n[upstreams.u]\nreplicas = [\"https://127.0.0.1:1\"]\n\n[upstreams.u.tls]\nca = \"garbage.pem\"\n\n[upstreams.v]\nreplicas = [\"https://127.0.0.1:2\"]\n\n[upstreams.v.tls]\nclient_cert = \"good.pem\"\nclient_key = \"other.key\"\n\n[[routes]]\nname = \"a\"\nupstream = \"u\"\n\n[[routes]]\nname = \"b\"\nupstream = \"v\"\nmatch = { path_prefix = \"/b\" }\n";
     let (code, _, stderr, file) = check(bad);
