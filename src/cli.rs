@@ -98,6 +98,23 @@ pub fn summary(c: &Config) -> String {
         s_.workers,
         s_.max_connections
     );
+    if let Some(t) = &s_.tls {
+        let listen: Vec<String> = t.listen.iter().map(|a| a.to_string()).collect();
+        let _ = writeln!(
+            s,
+            "tls:       {} (TLS 1.2/1.3, h2 and HTTP/1.1 by ALPN)",
+            listen.join(", ")
+        );
+        for (i, cert) in t.certificates.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "  {}{} [{}]",
+                cert.cert_path.display(),
+                if i == t.default { " (default)" } else { "" },
+                cert.names.join(", ")
+            );
+        }
+    }
     let _ = writeln!(
         s,
         "admin:     {}{}",
@@ -183,6 +200,19 @@ pub fn summary(c: &Config) -> String {
                 r.attempts,
                 r.budget * 100.0
             ));
+        }
+        if let Some(t) = &u.tls {
+            let mut tls = match &t.ca {
+                Some(ca) => format!("TLS with CA {}", ca.display()),
+                None => "TLS with the system roots".to_owned(),
+            };
+            if let Some(c) = &t.client_cert {
+                tls.push_str(&format!(", client certificate {}", c.display()));
+            }
+            if let Some(n) = &t.server_name {
+                tls.push_str(&format!(", server name {}", n.to_str()));
+            }
+            extras.push(tls);
         }
         if let Some(t) = u.panic_threshold {
             extras.push(format!("panic over {}% unavailable", t * 100.0));

@@ -11,7 +11,8 @@
 //! - [`config`]: the TOML file, validation with file:line:col errors, loading.
 //! - [`state`]: the config compiled into a snapshot behind an `ArcSwap`.
 //! - [`reload`]: reload on SIGHUP, `POST /admin/reload` and a change of the file.
-//! - [`server`]: public listeners, connection limits and timeouts, graceful drain.
+//! - [`server`]: public listeners (plain and TLS), connection limits and timeouts, graceful drain.
+//! - [`tls`]: rustls configs: listener certificates by SNI, ALPN, upstream TLS.
 //! - [`router`]: host → longest path prefix → method.
 //! - [`proxy`]: the request pipeline, header rules, error responses.
 //! - [`upstream`]: replicas, connection pools, balancers, health checks, circuit breakers,
@@ -35,4 +36,5 @@ pub mod reload;
 pub mod router;
 pub mod server;
 pub mod state;
+pub mod tls;
 pub mod upstream;

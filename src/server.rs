@@ -1,9 +1,14 @@
-//! Public listeners: bind, accept, serve each connection (HTTP/1.1 and h2c on one port), bound
-//! the number of open connections, cut off idle and slow clients, and drain on shutdown.
+//! Public listeners: bind, accept, serve each connection (HTTP/1.1 and h2c on one port; on
+//! `[server.tls]` ports the same after a TLS handshake, h2 or http/1.1 by ALPN), bound the
+//! number of open connections, cut off idle and slow clients, and drain on shutdown.
 //!
-//! Past `max_connections`, Palisade stops accepting (as HAProxy's `maxconn` does): new
-//! connections wait in the kernel's listen backlog until a slot frees, and are neither accepted
-//! nor reset. Timeouts are watched per connection by one timer that sleeps until the next
+//! A TLS handshake must finish within `header_read_timeout`, and holds a connection slot while
+//! it runs; each handshake uses the certificates of the snapshot current when it starts, so a
+//! reload's new certificates apply to the next connection.
+//!
+//! Past `max_connections`, Palisade stops accepting (as HAProxy's `maxconn` does): each
+//! listener holds the one connection it accepted last, unserved, until a slot frees; the others
+//! wait in the kernel's listen backlog. None is reset. Timeouts are watched per connection by one timer that sleeps until the next
 //! deadline: `header_read_timeout` from the first byte of a request head while no request is
 //! in progress, and `idle_timeout` while no bytes move and no handler is waiting on an upstream
 //! (which covers both keep-alive idling and clients that stop reading a response).
@@ -31,6 +36,8 @@ const NONE: u64 = u64::MAX;
 pub struct ConnInfo {
     /// The client's socket address.
     pub peer: SocketAddr,
+    /// `"https"` on a TLS listener, else `"http"` (X-Forwarded-Proto, Forwarded).
+    pub proto: &'static str,
     /// Activity counters for this connection's timeouts.
     pub activity: Arc<ConnActivity>,
 }
@@ -152,9 +159,10 @@ impl ConnActivity {
     }
 }
 
-/// A TCP stream that reports reads and writes to its [`ConnActivity`].
-struct ActivityIo {
-    inner: TcpStream,
+/// A client stream (TCP, or TLS over TCP) that reports reads and writes to its
+/// [`ConnActivity`].
+struct ActivityIo<S> {
+    inner: S,
     activity: Arc<ConnActivity>,
     scan: HeadScan,
 }
@@ -213,7 +221,7 @@ impl HeadScan {
     }
 }
 
-impl AsyncRead for ActivityIo {
+impl<S: AsyncRead + Unpin> AsyncRead for ActivityIo<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -239,7 +247,7 @@ impl AsyncRead for ActivityIo {
     }
 }
 
-impl AsyncWrite for ActivityIo {
+impl<S: AsyncWrite + Unpin> AsyncWrite for ActivityIo<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -281,13 +289,32 @@ struct ListenerHandle {
     stop: watch::Sender<bool>,
 }
 
+/// What a listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Transport {
+    /// HTTP/1.1 and h2c.
+    Plain,
+    /// TLS, then HTTP/1.1 or h2.
+    Tls,
+}
+
+impl Transport {
+    /// The `listener` label and log field.
+    fn as_str(self) -> &'static str {
+        match self {
+            Transport::Plain => "public",
+            Transport::Tls => "tls",
+        }
+    }
+}
+
 /// The public side: listeners, the connection limit and the shutdown signal.
 pub struct Server {
     shared: Arc<Shared>,
     slots: Arc<Semaphore>,
     max_connections: usize,
     shutdown: watch::Sender<bool>,
-    listeners: Mutex<HashMap<SocketAddr, ListenerHandle>>,
+    listeners: Mutex<HashMap<(Transport, SocketAddr), ListenerHandle>>,
 }
 
 /// Binds a TCP listener with address reuse and a deep backlog.
@@ -320,29 +347,42 @@ impl Server {
         })
     }
 
-    /// Binds every address of the current config that is not bound yet, and stops accepting on
-    /// those no longer listed (their open connections go on). Returns the bound addresses.
+    /// Binds every address of the current config (plain and TLS) that is not bound yet, and
+    /// stops accepting on those no longer listed (their open connections go on). Returns the
+    /// bound addresses.
     pub fn sync_listeners(self: &Arc<Self>) -> io::Result<Vec<SocketAddr>> {
-        let wanted = self.shared.snapshot.load().config.server.listen.clone();
+        let snapshot = self.shared.snapshot.load();
+        let server = &snapshot.config.server;
+        let wanted: Vec<(Transport, SocketAddr)> = server
+            .listen
+            .iter()
+            .map(|a| (Transport::Plain, *a))
+            .chain(
+                server
+                    .tls
+                    .iter()
+                    .flat_map(|t| t.listen.iter().map(|a| (Transport::Tls, *a))),
+            )
+            .collect();
         let mut listeners = self.listeners.lock().expect("listener map");
         let mut bound = Vec::new();
-        for addr in &wanted {
-            if listeners.contains_key(addr) {
+        for &(transport, addr) in &wanted {
+            if listeners.contains_key(&(transport, addr)) {
                 continue;
             }
-            let listener = bind(*addr)
+            let listener = bind(addr)
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
             let local = listener.local_addr()?;
-            tracing::info!(listener = "public", addr = %local, "listening");
+            tracing::info!(listener = transport.as_str(), addr = %local, "listening");
             bound.push(local);
             let (stop, stop_rx) = watch::channel(false);
-            listeners.insert(*addr, ListenerHandle { stop });
-            tokio::spawn(self.clone().accept_loop(listener, stop_rx));
+            listeners.insert((transport, addr), ListenerHandle { stop });
+            tokio::spawn(self.clone().accept_loop(listener, transport, stop_rx));
         }
-        listeners.retain(|addr, h| {
-            let keep = wanted.contains(addr);
+        listeners.retain(|key, h| {
+            let keep = wanted.contains(key);
             if !keep {
-                tracing::info!(listener = "public", addr = %addr, "no longer listening");
+                tracing::info!(listener = key.0.as_str(), addr = %key.1, "no longer listening");
                 let _ = h.stop.send(true);
             }
             keep
@@ -350,15 +390,15 @@ impl Server {
         Ok(bound)
     }
 
-    async fn accept_loop(self: Arc<Self>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        transport: Transport,
+        mut stop: watch::Receiver<bool>,
+    ) {
         let mut shutdown = self.shutdown.subscribe();
         let mut backoff = Duration::from_millis(5);
         loop {
-            let permit = tokio::select! {
-                p = self.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-                _ = stop.changed() => return,
-                _ = shutdown.changed() => return,
-            };
             let accepted = tokio::select! {
                 r = listener.accept() => r,
                 _ = stop.changed() => return,
@@ -366,10 +406,17 @@ impl Server {
             };
             match accepted {
                 Ok((stream, peer)) => {
+                    // Every listener shares the slots, so none holds one while it waits for a
+                    // connection: the one accepted waits here, unserved, for a free slot.
+                    let permit = tokio::select! {
+                        p = self.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                        _ = stop.changed() => return,
+                        _ = shutdown.changed() => return,
+                    };
                     backoff = Duration::from_millis(5);
                     let this = self.clone();
                     tokio::spawn(async move {
-                        this.serve_connection(stream, peer).await;
+                        this.serve_connection(stream, peer, transport).await;
                         drop(permit);
                     });
                 }
@@ -383,8 +430,47 @@ impl Server {
         }
     }
 
-    async fn serve_connection(&self, stream: TcpStream, peer: SocketAddr) {
+    async fn serve_connection(&self, stream: TcpStream, peer: SocketAddr, transport: Transport) {
         let _ = stream.set_nodelay(true);
+        let gauge = self
+            .shared
+            .metrics
+            .connections_active
+            .with_label_values(&[transport.as_str()]);
+        gauge.inc();
+        match transport {
+            Transport::Plain => self.serve_http(stream, peer, "http").await,
+            Transport::Tls => {
+                let (acceptor, timeout) = {
+                    let snapshot = self.shared.snapshot.load();
+                    let server = &snapshot.config.server;
+                    (
+                        server.tls.as_ref().map(|t| t.acceptor()),
+                        server.header_read_timeout,
+                    )
+                };
+                let Some(acceptor) = acceptor else {
+                    gauge.dec();
+                    return;
+                };
+                match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => self.serve_http(tls, peer, "https").await,
+                    Ok(Err(e)) => {
+                        tracing::debug!(client = %peer, error = %e, "TLS handshake failed");
+                    }
+                    Err(_) => {
+                        tracing::debug!(client = %peer, "TLS handshake not done within header_read_timeout");
+                    }
+                }
+            }
+        }
+        gauge.dec();
+    }
+
+    async fn serve_http<S>(&self, stream: S, peer: SocketAddr, proto: &'static str)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let settings = self.shared.snapshot.load().config.server.clone();
         let activity = Arc::new(ConnActivity::new());
         let io = TokioIo::new(ActivityIo {
@@ -394,6 +480,7 @@ impl Server {
         });
         let info = Arc::new(ConnInfo {
             peer,
+            proto,
             activity: activity.clone(),
         });
         let shared = self.shared.clone();
@@ -421,12 +508,6 @@ impl Server {
             .max_header_list_size((settings.max_header_bytes * 2) as u32)
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(20));
-        let gauge = self
-            .shared
-            .metrics
-            .connections_active
-            .with_label_values(&["public"]);
-        gauge.inc();
         let conn = builder.serve_connection(io, service);
         tokio::pin!(conn);
         let mut shutdown = self.shutdown.subscribe();
@@ -456,7 +537,6 @@ impl Server {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
-        gauge.dec();
     }
 
     /// Stops accepting, asks every connection to finish its in-flight requests, and waits up to

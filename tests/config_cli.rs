@@ -384,20 +384,6 @@ fn check_reports_bad_cache_values() {
 }
 
 #[test]
-fn check_says_later_features_are_not_supported_yet() {
-    let text = "[server]\nlisten = [\"127.0.0.1:0\"]\n\n[server.tls]\nlisten = [\"127.0.0.1:0\"]\ncertificates = [{ cert = \"a.pem\", key = \"a.key\" }]\n\n[upstreams.u]\nreplicas = [\"https://127.0.0.1:1\"]\n\n[[routes]]\nname = \"a\"\nupstream = \"u\"\n";
-    let c = check(text);
-    c.failed_with(2);
-    c.has_error(text, "[server.tls]", "server.tls", "is not supported yet");
-    c.has_error(
-        text,
-        "\"https://127.0.0.1:1\"",
-        "upstreams.u.replicas[0]",
-        "https replicas are not supported yet",
-    );
-}
-
-#[test]
 fn check_on_a_missing_file_fails() {
     let out = Command::new(BIN)
         .args(["check", "-c", "/nonexistent/palisade.toml"])

@@ -138,6 +138,8 @@ pub struct ServerSettings {
     pub workers: usize,
     /// How long shutdown waits for in-flight requests.
     pub drain_timeout: Duration,
+    /// `[server.tls]`: TLS listeners and their certificates.
+    pub tls: Option<crate::tls::ServerTls>,
 }
 
 /// Admin listener settings.
@@ -227,7 +229,7 @@ impl std::fmt::Display for HashOn {
 pub struct UpstreamSpec {
     /// Its name in the file.
     pub name: String,
-    /// Replica base URLs, normalized to `http://host:port`.
+    /// Replica base URLs, normalized to `http://host:port` or `https://host:port`.
     pub replicas: Vec<String>,
     /// Balancing rule.
     pub balance: Balance,
@@ -246,6 +248,9 @@ pub struct UpstreamSpec {
     pub circuit_breaker: Option<BreakerSpec>,
     /// `retry = {...}`: retries on another replica.
     pub retry: Option<RetrySpec>,
+    /// How `https://` replicas are reached (`[upstreams.NAME.tls]`, or system roots without
+    /// it); `None` when every replica is `http://`.
+    pub tls: Option<crate::tls::UpstreamTls>,
 }
 
 /// A host a route matches.
@@ -372,11 +377,59 @@ mod tests {
     }
 
     #[test]
-    fn later_features_are_refused_not_ignored() {
+    fn tls_settings_are_checked() {
         let e = errors(&format!(
             "[server.tls]\nlisten = [\"127.0.0.1:8443\"]\ncertificates = []\n{MINIMAL}"
         ));
-        assert!(e[0].contains("server.tls: is not supported yet"), "{e:?}");
+        assert_eq!(
+            e,
+            vec![
+                "t.toml:3:16: server.tls.certificates: must list at least one certificate, like [{ cert = \"certs/api.pem\", key = \"certs/api.key\" }]"
+            ]
+        );
+        let e = errors(&format!(
+            "[server]\nlisten = [\"127.0.0.1:8080\"]\n[server.tls]\nlisten = [\"127.0.0.1:8080\"]\ncertificates = [{{ cert = \"/nonexistent/a.pem\", key = \"a.key\" }}]\n{MINIMAL}"
+        ));
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(
+            e[0].starts_with(
+                "t.toml:4:11: server.tls.listen[0]: 127.0.0.1:8080 is also in server.listen"
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e[1].starts_with(
+                "t.toml:5:26: server.tls.certificates[0].cert: cannot read /nonexistent/a.pem: "
+            ),
+            "{e:?}"
+        );
+        let e = errors(&format!(
+            "{MINIMAL}[upstreams.u.tls]\nserver_name = \"x\"\n"
+        ));
+        assert!(
+            e[0].starts_with("t.toml:6:1: upstreams.u.tls: applies only to https:// replicas"),
+            "{e:?}"
+        );
+        let https = MINIMAL.replace("http://127.0.0.1:9", "https://127.0.0.1:9");
+        let e = errors(&format!(
+            "{https}[upstreams.u.tls]\nclient_cert = \"c.pem\"\n"
+        ));
+        assert!(
+            e[0].starts_with("t.toml:7:15: upstreams.u.tls.client_cert: needs client_key too"),
+            "{e:?}"
+        );
+        let e = errors(&format!(
+            "{https}[upstreams.u.tls]\nserver_name = \"a b\"\n"
+        ));
+        assert!(
+            e[0].starts_with(
+                "t.toml:7:15: upstreams.u.tls.server_name: invalid server name \"a b\""
+            ),
+            "{e:?}"
+        );
+        let c = parse(&https.replace(":9\"", "\""), Path::new("t.toml")).unwrap();
+        assert_eq!(c.upstreams[0].replicas, vec!["https://127.0.0.1:443"]);
+        assert!(c.upstreams[0].tls.is_some());
     }
 
     #[test]

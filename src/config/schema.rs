@@ -50,16 +50,27 @@ pub struct RawServer {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTls {
-    pub listen: Vec<Spanned<Text>>,
-    pub certificates: Vec<RawCertificate>,
+    pub listen: Spanned<Vec<Spanned<Text>>>,
+    pub certificates: Spanned<Vec<Spanned<RawCertificate>>>,
 }
 
 /// One certificate pair of `[server.tls]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCertificate {
-    pub cert: Text,
-    pub key: Text,
+    pub cert: Spanned<Text>,
+    pub key: Spanned<Text>,
+    pub default: Option<Spanned<bool>>,
+}
+
+/// `[upstreams.NAME.tls]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstreamTls {
+    pub ca: Option<Spanned<Text>>,
+    pub client_cert: Option<Spanned<Text>>,
+    pub client_key: Option<Spanned<Text>>,
+    pub server_name: Option<Spanned<Text>>,
 }
 
 /// `[admin]`.
@@ -184,6 +195,7 @@ pub struct RawUpstream {
     pub retry: Option<Spanned<RawRetry>>,
     pub health: Option<Spanned<RawHealth>>,
     pub circuit_breaker: Option<Spanned<RawCircuitBreaker>>,
+    pub tls: Option<Spanned<RawUpstreamTls>>,
 }
 
 /// `retry = {...}` of an upstream.

@@ -5,15 +5,17 @@ use super::schema::*;
 use super::values::Text;
 use super::*;
 use crate::ratelimit::{Missing, OnError, PolicySpec, identity::KeyPart};
+use crate::tls::{CertFile, ServerCert, ServerTls, UpstreamTls, UpstreamTlsFile};
 use crate::upstream::{BreakerSpec, HealthSpec, OutcomeSet, RetrySpec};
+use rustls_pki_types::ServerName;
 use std::collections::{BTreeMap, HashMap};
 use toml::Spanned;
-
-const NOT_YET: &str = "is not supported yet";
 
 struct Checker<'a> {
     loc: Locator<'a>,
     errors: Vec<ConfigError>,
+    /// The config file's directory: relative certificate paths are read from there.
+    base: PathBuf,
 }
 
 impl Checker<'_> {
@@ -56,13 +58,13 @@ impl Checker<'_> {
         }
     }
 
-    fn not_yet<T>(&mut self, v: &Option<Spanned<T>>, key: &str, issue: &str) {
-        if let Some(v) = v {
-            self.err(
-                v,
-                key,
-                format!("{NOT_YET}: it comes with the {issue} work; remove it for now"),
-            );
+    /// A file path from the config: absolute, or relative to the config file's directory.
+    fn file_path(&self, raw: &Text) -> PathBuf {
+        let p = Path::new(raw.trim());
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
         }
     }
 }
@@ -82,6 +84,7 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> 
     let mut c = Checker {
         loc,
         errors: Vec::new(),
+        base: path.parent().map(Path::to_path_buf).unwrap_or_default(),
     };
 
     let server = server(&mut c, &raw.server);
@@ -237,7 +240,7 @@ fn server(c: &mut Checker, s: &RawServer) -> ServerSettings {
     );
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = c.count(&s.workers, "server.workers", cores, 1024);
-    c.not_yet(&s.tls, "server.tls", "TLS");
+    let tls = s.tls.as_ref().and_then(|t| server_tls(c, t, &listen));
     ServerSettings {
         listen,
         trusted_proxies,
@@ -248,6 +251,162 @@ fn server(c: &mut Checker, s: &RawServer) -> ServerSettings {
         max_connections,
         workers,
         drain_timeout,
+        tls,
+    }
+}
+
+fn server_tls(c: &mut Checker, t: &Spanned<RawTls>, plain: &[SocketAddr]) -> Option<ServerTls> {
+    let raw = t.get_ref();
+    let mut listen = Vec::new();
+    if raw.listen.get_ref().is_empty() {
+        c.err(
+            &raw.listen,
+            "server.tls.listen",
+            "must name at least one address, like [\"0.0.0.0:8443\"]",
+        );
+    }
+    for (i, a) in raw.listen.get_ref().iter().enumerate() {
+        let key = format!("server.tls.listen[{i}]");
+        if let Some(addr) = socket_addr(c, a, &key) {
+            if listen.contains(&addr) {
+                c.err(a, key, format!("{addr} is listed twice"));
+            } else if addr.port() != 0 && plain.contains(&addr) {
+                c.err(
+                    a,
+                    key,
+                    format!("{addr} is also in server.listen; an address serves either plain HTTP or TLS"),
+                );
+            } else {
+                listen.push(addr);
+            }
+        }
+    }
+    let list = raw.certificates.get_ref();
+    if list.is_empty() {
+        c.err(
+            &raw.certificates,
+            "server.tls.certificates",
+            "must list at least one certificate, like [{ cert = \"certs/api.pem\", key = \"certs/api.key\" }]",
+        );
+        return None;
+    }
+    let mut certs = Vec::new();
+    let mut default: Option<usize> = None;
+    for (i, entry) in list.iter().enumerate() {
+        let e = entry.get_ref();
+        let key = format!("server.tls.certificates[{i}]");
+        if let Some(d) = &e.default
+            && *d.get_ref()
+        {
+            match default {
+                Some(first) => c.err(
+                    d,
+                    format!("{key}.default"),
+                    format!("certificates[{first}] is already the default; mark one only"),
+                ),
+                None => default = Some(i),
+            }
+        }
+        match ServerCert::load(
+            &c.file_path(e.cert.get_ref()),
+            &c.file_path(e.key.get_ref()),
+        ) {
+            Ok(cert) => certs.push(cert),
+            Err((CertFile::Cert, err)) => c.err(&e.cert, format!("{key}.cert"), err.to_string()),
+            Err((CertFile::Key, err)) => c.err(&e.key, format!("{key}.key"), err.to_string()),
+        }
+    }
+    if certs.len() != list.len() {
+        return None;
+    }
+    match ServerTls::new(listen, certs, default.unwrap_or(0)) {
+        Ok(tls) => Some(tls),
+        Err(e) => {
+            c.err(t, "server.tls", e.to_string());
+            None
+        }
+    }
+}
+
+fn upstream_tls(
+    c: &mut Checker,
+    raw: Option<&Spanned<RawUpstreamTls>>,
+    replicas: &Spanned<Vec<Spanned<Text>>>,
+    any_https: bool,
+    key: &str,
+) -> Option<UpstreamTls> {
+    if !any_https {
+        if let Some(t) = raw {
+            c.err(
+                t,
+                format!("{key}.tls"),
+                "applies only to https:// replicas, and this upstream has none",
+            );
+        }
+        return None;
+    }
+    let t = raw.map(|t| t.get_ref());
+    let field = |f: fn(&RawUpstreamTls) -> &Option<Spanned<Text>>| t.and_then(|t| f(t).as_ref());
+    let ca = field(|t| &t.ca);
+    let client_cert = field(|t| &t.client_cert);
+    let client_key = field(|t| &t.client_key);
+    let server_name = match field(|t| &t.server_name) {
+        None => None,
+        Some(n) => match ServerName::try_from(n.get_ref().trim().to_owned()) {
+            Ok(name) => Some(name),
+            Err(_) => {
+                c.err(
+                    n,
+                    format!("{key}.tls.server_name"),
+                    format!(
+                        "invalid server name {:?}: write a DNS name like \"api.internal\" or an IP address",
+                        n.get_ref().0
+                    ),
+                );
+                return None;
+            }
+        },
+    };
+    let client = match (client_cert, client_key) {
+        (Some(cert), Some(k)) => Some((c.file_path(cert.get_ref()), c.file_path(k.get_ref()))),
+        (Some(cert), None) => {
+            c.err(
+                cert,
+                format!("{key}.tls.client_cert"),
+                "needs client_key too: the private key of the client certificate",
+            );
+            return None;
+        }
+        (None, Some(k)) => {
+            c.err(
+                k,
+                format!("{key}.tls.client_key"),
+                "needs client_cert too: the client certificate of this key",
+            );
+            return None;
+        }
+        (None, None) => None,
+    };
+    let ca_path = ca.map(|p| c.file_path(p.get_ref()));
+    let loaded = UpstreamTls::load(
+        ca_path.as_deref(),
+        client.as_ref().map(|(a, b)| (a.as_path(), b.as_path())),
+        server_name,
+    );
+    match loaded {
+        Ok(tls) => Some(tls),
+        Err((which, e)) => {
+            let (at, name) = match which {
+                UpstreamTlsFile::Ca => (ca, "ca"),
+                UpstreamTlsFile::ClientCert => (client_cert, "client_cert"),
+                UpstreamTlsFile::ClientKey => (client_key, "client_key"),
+            };
+            match at {
+                Some(at) => c.err(at, format!("{key}.tls.{name}"), e.to_string()),
+                None => c.err(replicas, format!("{key}.replicas"), e.to_string()),
+            }
+            None
+        }
     }
 }
 
@@ -414,6 +573,8 @@ fn upstreams(
             .retry
             .as_ref()
             .map(|r| retry(c, r.get_ref(), &format!("{key}.retry")));
+        let any_https = replicas.iter().any(|r: &String| r.starts_with("https://"));
+        let tls = upstream_tls(c, u.tls.as_ref(), &u.replicas, any_https, &key);
         out.push(UpstreamSpec {
             name: name.get_ref().clone(),
             replicas,
@@ -425,6 +586,7 @@ fn upstreams(
             health,
             circuit_breaker,
             retry,
+            tls,
         });
     }
     out
@@ -661,20 +823,16 @@ fn retry(c: &mut Checker, r: &RawRetry, key: &str) -> RetrySpec {
 
 /// Normalizes a replica URL to `http://host:port`, or says what is wrong with it.
 fn replica_url(raw: &str) -> Result<String, String> {
-    let allowed = "write http://HOST:PORT, like \"http://10.0.0.11:8080\"";
+    let allowed = "write http://HOST:PORT or https://HOST:PORT, like \"http://10.0.0.11:8080\"";
     let uri: http::Uri = raw
         .parse()
         .map_err(|e| format!("invalid replica URL {raw:?} ({e}): {allowed}"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(format!(
-                "https replicas are not supported yet (they come with the TLS work): {allowed}"
-            ));
-        }
+    let scheme = match uri.scheme_str() {
+        Some("http") => "http",
+        Some("https") => "https",
         Some(s) => return Err(format!("unsupported scheme {s:?} in {raw:?}: {allowed}")),
         None => return Err(format!("{raw:?} has no scheme: {allowed}")),
-    }
+    };
     let authority = uri
         .authority()
         .ok_or_else(|| format!("{raw:?} has no host: {allowed}"))?;
@@ -692,11 +850,13 @@ fn replica_url(raw: &str) -> Result<String, String> {
     if host.is_empty() {
         return Err(format!("{raw:?} has no host: {allowed}"));
     }
-    let port = authority.port_u16().unwrap_or(80);
+    let port = authority
+        .port_u16()
+        .unwrap_or(if scheme == "https" { 443 } else { 80 });
     if port == 0 {
         return Err(format!("{raw:?} has port 0: {allowed}"));
     }
-    Ok(format!("http://{}:{port}", host.to_ascii_lowercase()))
+    Ok(format!("{scheme}://{}:{port}", host.to_ascii_lowercase()))
 }
 
 fn host_pattern(raw: &str) -> Result<HostPattern, String> {

@@ -213,7 +213,7 @@ async fn forward(
         conn.peer.ip(),
         trusted,
         &host_value,
-        "http",
+        conn.proto,
         via,
     );
     parts

@@ -34,7 +34,7 @@ pub(super) fn spawn(
         conn.peer.ip(),
         trusted,
         &host,
-        "http",
+        conn.proto,
         headers::VIA_H1,
     );
     h.insert(&headers::X_REQUEST_ID, shared.next_request_id());

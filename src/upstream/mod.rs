@@ -176,7 +176,7 @@ impl OutcomeSet {
 
 /// One replica of an upstream, with the state that outlives reloads (carried over by URL).
 pub struct Replica {
-    /// Base URL, `http://host:port`.
+    /// Base URL, `http://host:port` or `https://host:port`.
     pub url: Arc<str>,
     upstream: Arc<str>,
     authority: Authority,
@@ -203,12 +203,18 @@ pub struct Replica {
 const EWMA_TAU: Duration = Duration::from_secs(1);
 
 impl Replica {
-    fn new(upstream: &str, url: &str, metrics: &Metrics) -> Replica {
-        let authority: Authority = url
-            .strip_prefix("http://")
-            .unwrap_or(url)
-            .parse()
-            .expect("validated replica URL");
+    fn new(spec: &UpstreamSpec, url: &str, metrics: &Metrics) -> Replica {
+        let upstream = spec.name.as_str();
+        let (authority, https) = match url.strip_prefix("https://") {
+            Some(rest) => (rest, true),
+            None => (url.strip_prefix("http://").unwrap_or(url), false),
+        };
+        let authority: Authority = authority.parse().expect("validated replica URL");
+        let tls = spec
+            .tls
+            .as_ref()
+            .filter(|_| https)
+            .map(|t| t.connect_to(authority.host()));
         let outcome = |o: &str| {
             metrics
                 .upstream_requests
@@ -226,7 +232,7 @@ impl Replica {
         Replica {
             url: url.into(),
             upstream: upstream.into(),
-            pool: Pool::new(authority.as_str()),
+            pool: Pool::new(authority.as_str(), tls),
             authority,
             in_flight: AtomicUsize::new(0),
             ewma_bits: AtomicU64::new(0),
@@ -420,6 +426,8 @@ impl Upstream {
         metrics: &Metrics,
     ) -> Arc<Upstream> {
         let now = Instant::now();
+        // A replica's pool holds its TLS settings: when they changed, replicas start afresh.
+        let previous = previous.filter(|p| p.spec.tls == spec.tls);
         let replicas: Vec<Arc<Replica>> = spec
             .replicas
             .iter()
@@ -427,7 +435,7 @@ impl Upstream {
                 previous
                     .and_then(|p| p.replicas.iter().find(|r| &*r.url == url.as_str()))
                     .cloned()
-                    .unwrap_or_else(|| Arc::new(Replica::new(&spec.name, url, metrics)))
+                    .unwrap_or_else(|| Arc::new(Replica::new(spec, url, metrics)))
             })
             .collect();
         for r in &replicas {

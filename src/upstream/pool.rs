@@ -1,4 +1,4 @@
-//! Keep-alive HTTP/1 connections to one replica.
+//! Keep-alive HTTP/1 connections to one replica, over TCP or TLS (ALPN http/1.1 only).
 //!
 //! Idle connections wait on a stack (most recently used first, so a few warm connections do
 //! the work). A request takes one, or opens a new one within the upstream's `connect_timeout`; its response
@@ -7,6 +7,7 @@
 //! but the request itself: no pool task, no boxed futures, no hashing.
 
 use crate::body::RequestBody;
+use crate::tls::TlsConnect;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -32,6 +33,7 @@ struct Idle {
 /// The connections of one replica.
 pub struct Pool {
     authority: String,
+    tls: Option<TlsConnect>,
     idle_timeout: Duration,
     max_idle: usize,
     idle: Mutex<Vec<Idle>>,
@@ -60,10 +62,11 @@ impl PooledConn {
 }
 
 impl Pool {
-    /// A pool for `host:port`.
-    pub fn new(authority: &str) -> Arc<Pool> {
+    /// A pool for `host:port`, speaking TLS when `tls` is given.
+    pub fn new(authority: &str, tls: Option<TlsConnect>) -> Arc<Pool> {
         Arc::new(Pool {
             authority: authority.to_owned(),
+            tls,
             idle_timeout: Duration::from_secs(60),
             max_idle: 1024,
             idle: Mutex::new(Vec::new()),
@@ -84,17 +87,36 @@ impl Pool {
         &self,
         timeout: Duration,
     ) -> Result<http1::SendRequest<RequestBody>, PoolError> {
-        let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&self.authority))
-            .await
-            .map_err(|_| {
-                PoolError::Connect(format!(
-                    "connect timeout: deadline has elapsed after {timeout:?}"
-                ))
-            })?
-            .map_err(|e| PoolError::Connect(format!("tcp connect error: {e}")))?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let elapsed = || {
+            PoolError::Connect(format!(
+                "connect timeout: deadline has elapsed after {timeout:?}"
+            ))
+        };
+        let stream =
+            tokio::time::timeout_at(deadline, tokio::net::TcpStream::connect(&self.authority))
+                .await
+                .map_err(|_| elapsed())?
+                .map_err(|e| PoolError::Connect(format!("tcp connect error: {e}")))?;
         let _ = stream.set_nodelay(true);
+        match &self.tls {
+            None => Self::handshake(TokioIo::new(stream)).await,
+            Some(tls) => {
+                let stream = tokio::time::timeout_at(deadline, tls.handshake(stream))
+                    .await
+                    .map_err(|_| elapsed())?
+                    .map_err(PoolError::Connect)?;
+                Self::handshake(TokioIo::new(stream)).await
+            }
+        }
+    }
+
+    async fn handshake<T>(io: T) -> Result<http1::SendRequest<RequestBody>, PoolError>
+    where
+        T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
         let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
+            .handshake(io)
             .await
             .map_err(|e| PoolError::Connect(format!("handshake: {e}")))?;
         tokio::spawn(async move {
@@ -138,7 +160,15 @@ impl Pool {
                 }
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if reused => req = unsent,
-                    _ => return Err(PoolError::Http(e.into_error())),
+                    _ => {
+                        let e = e.into_error();
+                        // TLS 1.3 completes the client's handshake before the server judges
+                        // the client certificate; its refusal arrives with the first read.
+                        if !reused && let Some(why) = crate::tls::describe(&e) {
+                            return Err(PoolError::Connect(why));
+                        }
+                        return Err(PoolError::Http(e));
+                    }
                 },
             }
         }

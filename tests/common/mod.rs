@@ -1,10 +1,12 @@
 //! The integration-test harness: real upstream replicas ([`upstream`]), the real `palisade`
-//! binary as a child process ([`proxy`]), and clients ([`client`]). Nothing is mocked.
+//! binary as a child process ([`proxy`]), clients ([`client`]), and certificates and TLS
+//! clients made at test time ([`tls`]). Nothing is mocked.
 #![allow(dead_code, reason = "each test binary uses a part of the harness")]
 
 pub mod client;
 pub mod proxy;
 pub mod redis;
+pub mod tls;
 pub mod upstream;
 
 pub use client::*;

@@ -1,4 +1,5 @@
-//! An upstream replica for tests: a hyper 1 HTTP/1.1 server on 127.0.0.1:0, on its own runtime,
+//! An upstream replica for tests: a hyper 1 HTTP/1.1 server (plain, or over TLS with
+//! [`Upstream::start_tls`]) on 127.0.0.1:0, on its own runtime,
 //! whose behaviour is chosen per request by query parameters (or per server by [`Settings`]):
 //!
 //! - `delay_ms=N`: wait before the response head.
@@ -145,6 +146,24 @@ impl Upstream {
     /// Starts a replica named `name` on `addr` (a stopped replica's address, to restart it:
     /// the listener reuses the address as std does on Unix, SO_REUSEADDR).
     pub fn start_on(name: &str, addr: SocketAddr) -> Upstream {
+        Self::start_with(name, addr, None)
+    }
+
+    /// Starts a replica named `name` that speaks HTTP/1.1 over TLS with `config` (see
+    /// [`super::tls`]); its [`Upstream::url`] is still `http://`, use [`Upstream::https_url`].
+    pub fn start_tls(name: &str, config: Arc<rustls::ServerConfig>) -> Upstream {
+        Self::start_with(
+            name,
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            Some(tokio_rustls::TlsAcceptor::from(config)),
+        )
+    }
+
+    fn start_with(
+        name: &str,
+        addr: SocketAddr,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Upstream {
         let rt = runtime();
         let listener = bind_on(&rt, addr);
         let addr = listener.local_addr().expect("upstream addr");
@@ -163,15 +182,16 @@ impl Upstream {
                 ctx.state.connections.fetch_add(1, Ordering::SeqCst);
                 let _ = stream.set_nodelay(true);
                 let ctx = ctx.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        let ctx = ctx.clone();
-                        async move { Ok::<_, std::convert::Infallible>(ctx.handle(req).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    match tls {
+                        None => serve_http1(ctx, stream).await,
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                serve_http1(ctx, stream).await;
+                            }
+                        }
+                    }
                 });
             }
         });
@@ -212,6 +232,11 @@ impl Upstream {
         format!("http://{}", self.addr)
     }
 
+    /// `https://127.0.0.1:PORT`.
+    pub fn https_url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
     /// Requests whose head arrived.
     pub fn hits(&self) -> u64 {
         self.state.hits.load(Ordering::SeqCst)
@@ -247,6 +272,20 @@ pub fn full_backlog() -> (socket2::Socket, Vec<std::net::TcpStream>) {
         }
     }
     (s, fillers)
+}
+
+async fn serve_http1<S>(ctx: Arc<Ctx>, stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, std::convert::Infallible>(ctx.handle(req).await) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .serve_connection(TokioIo::new(stream), svc)
+        .await;
 }
 
 struct Ctx {
