@@ -1,9 +1,9 @@
 //! The command line: `run` (the default), `check`, `explain`, `demo`.
 
 use crate::config::{self, Config, LogFormat};
+use crate::explain::{self, Target};
 use crate::reload::{Reloader, Trigger};
 use crate::state::Shared;
-use crate::explain::{self, Target};
 use crate::{admin, demo, server::Server};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use http::{HeaderName, HeaderValue, Method};
@@ -60,7 +60,7 @@ enum Command {
     /// headers. Sends nothing, connects nowhere; exits 0 (also for a 404 or 405), 1 on config
     /// errors, 2 on bad arguments.
     #[command(after_help = EXPLAIN_EXAMPLES)]
-    Explain(ExplainArgs),
+    Explain(Box<ExplainArgs>),
     /// Start two demo replicas on loopback and the proxy with config/demo.toml.
     Demo,
 }
@@ -91,7 +91,7 @@ pub fn main() -> ExitCode {
         None => run(&cli.run.config),
         Some(Command::Run(a)) => run(&a.config),
         Some(Command::Check(a)) => check(&a.config),
-        Some(Command::Explain(a)) => run_explain(a),
+        Some(Command::Explain(a)) => run_explain(*a),
         Some(Command::Demo) => run_demo(),
     }
 }

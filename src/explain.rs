@@ -85,10 +85,7 @@ pub fn parse_target(s: &str) -> Result<Target, ExplainError> {
     if !matches!(scheme, "http" | "https") || authority.host().is_empty() {
         return Err(bad());
     }
-    let pq = uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
+    let pq = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
     let pq = if pq.starts_with('/') {
         pq
     } else {
@@ -261,10 +258,9 @@ fn describe_route(r: &RouteSpec) -> String {
         .host
         .as_ref()
         .map_or("any host".to_owned(), |h| format!("host {h}"));
-    let methods = r
-        .methods
-        .as_ref()
-        .map_or("any method".to_owned(), |m| format!("methods {}", methods_list(m)));
+    let methods = r.methods.as_ref().map_or("any method".to_owned(), |m| {
+        format!("methods {}", methods_list(m))
+    });
     format!("{host}, prefix {}, {methods}", r.path_prefix)
 }
 
@@ -310,13 +306,7 @@ fn near_misses(
         .collect();
     near.sort_by_key(|&(i, h, p, m)| {
         let fails = [h, p, m].iter().filter(|ok| !**ok).count();
-        (
-            fails,
-            !h,
-            !p,
-            usize::MAX - routes[i].path_prefix.len(),
-            i,
-        )
+        (fails, !h, !p, usize::MAX - routes[i].path_prefix.len(), i)
     });
     let hidden = near.len().saturating_sub(limit);
     for (n, &(i, host_ok, prefix_ok, method_ok)) in near.iter().take(limit).enumerate() {
@@ -441,9 +431,8 @@ fn explain_cache(
         if req.method == Method::HEAD {
             facts.push("HEAD: answered from a stored GET; a HEAD response is not stored".into());
         } else {
-            facts.push(
-                "GET: looked up; on a miss the response is stored if the rules allow".into(),
-            );
+            facts
+                .push("GET: looked up; on a miss the response is stored if the rules allow".into());
         }
         if req.headers.contains_key(header::AUTHORIZATION) {
             facts.push(
@@ -458,7 +447,10 @@ fn explain_cache(
             facts.push("no-store: the response is not stored".into());
         }
         if d.only_if_cached {
-            facts.push("only-if-cached: answered from the cache, or 504 when nothing usable is stored".into());
+            facts.push(
+                "only-if-cached: answered from the cache, or 504 when nothing usable is stored"
+                    .into(),
+            );
         }
     }
     for (n, f) in facts.iter().enumerate() {
@@ -488,10 +480,7 @@ fn explain_cache(
             .collect();
         out.line(
             "  variant",
-            format!(
-                "{} (plus what the origin's Vary names)",
-                values.join(", ")
-            ),
+            format!("{} (plus what the origin's Vary names)", values.join(", ")),
         );
     }
 }
@@ -545,8 +534,7 @@ fn explain_rate_limit(
     out.line("  client", client_story(config, req, client));
     for part in &p.per {
         let mut scratch = Vec::new();
-        let present =
-            identity::append_part(part, client, &req.headers, &req.uri, &mut scratch);
+        let present = identity::append_part(part, client, &req.headers, &req.uri, &mut scratch);
         let text = match part {
             KeyPart::ClientIp => format!("client_ip = {client}"),
             _ if present => format!("{part} = {:?}", String::from_utf8_lossy(&scratch)),
@@ -667,7 +655,10 @@ fn explain_upstream(
         ),
     );
     for (n, r) in u.replicas.iter().enumerate() {
-        out.line(if n == 0 { "  replicas" } else { "" }, format!("{} {r}", n + 1));
+        out.line(
+            if n == 0 { "  replicas" } else { "" },
+            format!("{} {r}", n + 1),
+        );
     }
     let position = |url: &str| u.replicas.iter().position(|r| r == url).unwrap_or(0) + 1;
     let affinity = upstream.affinity(client, &req.headers);
@@ -692,7 +683,10 @@ fn explain_upstream(
         Balance::ConsistentHash => {
             let on = match &u.hash_on {
                 HashOn::Header(name) => match req.headers.get(name) {
-                    Some(v) => format!("header {name} = {:?}", String::from_utf8_lossy(v.as_bytes())),
+                    Some(v) => format!(
+                        "header {name} = {:?}",
+                        String::from_utf8_lossy(v.as_bytes())
+                    ),
                     None => format!("header {name} absent, so the client address {client}"),
                 },
                 HashOn::ClientIp => format!("client address {client}"),
@@ -750,7 +744,7 @@ fn explain_upstream(
     }
     let mut extras = Vec::new();
     if let Some(h) = &u.health {
-        extras.push(format!("health GET {} every {}", h.path, dur(h.interval)));
+        extras.push(format!("GET {} every {}", h.path, dur(h.interval)));
     }
     if let Some(b) = &u.circuit_breaker {
         extras.push(format!(
