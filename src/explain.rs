@@ -344,11 +344,10 @@ fn near_misses(
                     r.path_prefix, w.path_prefix
                 ),
                 (true, true) => format!(
-                    "prefix {} matches but {} is longer (and {} is tried before {})",
+                    "prefix {} matches but {} is longer (and on {})",
                     r.path_prefix,
                     w.path_prefix,
-                    host_of(w),
-                    host_of(r)
+                    host_of(w)
                 ),
                 (true, false) => format!(
                     "prefix {} matches, but {} is tried before {}",
@@ -518,15 +517,16 @@ fn explain_rate_limit(
     out.line(
         "rate limit",
         format!(
-            "{}: {}/{}, burst {}, per {}; missing = {}; RateLimit headers {}",
+            "{}: {}/{}, burst {}, per {}{}; RateLimit headers {}",
             p.name,
             p.count,
             period(p.period),
             p.burst,
             per.join(" + "),
             match p.missing {
-                Missing::Deny => "deny (400)",
-                Missing::ClientIp => "client_ip (fall back to the address)",
+                _ if p.per.iter().all(|k| *k == KeyPart::ClientIp) => "",
+                Missing::Deny => "; missing = deny (400)",
+                Missing::ClientIp => "; missing = client_ip",
             },
             if p.headers { "on" } else { "off" }
         ),
@@ -595,12 +595,12 @@ fn client_story(config: &Config, req: &Request, client: IpAddr) -> String {
             "{client}: the peer; it is not in trusted_proxies, so X-Forwarded-For / Forwarded are ignored"
         ),
         Some(net) if !xff.is_empty() => format!(
-            "{client}: peer {} is a trusted proxy ({net}); X-Forwarded-For {:?} read from the right, past trusted hops",
+            "{client}: peer {} is a trusted proxy ({net}): X-Forwarded-For {:?}, right-most untrusted",
             req.peer,
             xff.join(", ")
         ),
         Some(net) if forwarded => format!(
-            "{client}: peer {} is a trusted proxy ({net}); Forwarded for= read from the right, past trusted hops",
+            "{client}: peer {} is a trusted proxy ({net}): Forwarded for=, right-most untrusted",
             req.peer
         ),
         Some(net) => format!(
@@ -719,7 +719,7 @@ fn explain_upstream(
             out.line(
                 "  retry",
                 format!(
-                    "up to {} more attempt{} on another replica after {}; budget {}% of requests + {}/s",
+                    "up to {} more attempt{} on other replicas after {}; budget {}% + {}/s",
                     r.attempts,
                     if r.attempts == 1 { "" } else { "s" },
                     outcome_names(&r.on),

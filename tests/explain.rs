@@ -312,7 +312,7 @@ fn rate_limit_client_ip_through_a_trusted_proxy_and_header_keys() {
         ],
     );
     e.ok()
-        .says("rate limit  by-ip: 100/min, burst 20, per client_ip")
+        .says("rate limit  by-ip: 100/min, burst 20, per client_ip; RateLimit headers on")
         .says("client    203.0.113.5: peer 10.0.0.5 is a trusted proxy (10.0.0.0/8)")
         .says("store     memory: this instance only")
         .says("X-Forwarded-For: 6.6.6.6, 203.0.113.5, 10.1.1.1, 10.0.0.5");
@@ -343,7 +343,10 @@ fn rate_limit_client_ip_through_a_trusted_proxy_and_header_keys() {
         e.field("rate limit", "  key"),
         "palisade:rl:by-key:10/1s:10:header:x-api-key:k1"
     );
-    explain(LIMITED, &["GET", "http://h/key"]).ok().says(
+    explain(LIMITED, &["GET", "http://h/key"])
+        .ok()
+        .says("per header:x-api-key; missing = deny (400)")
+        .says(
         "answer    400 Bad Request: this route is rate limited per header:x-api-key, and the request has none",
     );
     let e = explain(LIMITED, &["GET", "http://h/either"]);
@@ -454,7 +457,7 @@ cache = { ttl = "60s", stale_while_revalidate = "30s", stale_if_error = "10m", q
         .says("query: none")
         .says("Authorization: stored only if the response says public, s-maxage or must-revalidate")
         .says("no-cache (or max-age=0, Pragma): forwarded to revalidate")
-        .says("up to 2 more attempts on another replica after connect, 5xx")
+        .says("up to 2 more attempts on other replicas after connect, 5xx")
         .says("GET is retried after any of them");
     assert_eq!(e.field("cache", "  key"), "cached:h/a");
     explain(
