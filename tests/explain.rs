@@ -141,7 +141,7 @@ fn the_matching_route_and_why_the_nearest_others_do_not_match() {
 }
 
 #[test]
-fn no_route_is_a_404_and_a_wrong_method_a_405_with_allow() {
+fn no_route_is_a_404_a_wrong_method_a_405_with_allow_and_a_refused_path_a_400() {
     let e = explain(ROUTES, &["GET", "http://shop.example.com/nothing"]);
     e.ok()
         .says("route       none matches shop.example.com/nothing")
@@ -149,6 +149,14 @@ fn no_route_is_a_404_and_a_wrong_method_a_405_with_allow() {
         .says("products: path prefix /products/ does not match /nothing")
         .says("api-host: host api.example.com ≠ shop.example.com")
         .does_not_say("upstream    ");
+
+    explain(
+        ROUTES,
+        &["GET", "http://shop.example.com/products/%2e%2e/admin"],
+    )
+    .ok()
+    .says("answer      400 Bad Request: dot segments (. or ..) in the request path")
+    .does_not_say("route       ");
 
     let e = explain(ROUTES, &["DELETE", "http://other.org/admin/users"]);
     e.ok()
