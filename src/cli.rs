@@ -1,10 +1,13 @@
-//! The command line: `run` (the default), `check`, `demo`.
+//! The command line: `run` (the default), `check`, `explain`, `demo`.
 
 use crate::config::{self, Config, LogFormat};
+use crate::explain::{self, Target};
 use crate::reload::{Reloader, Trigger};
 use crate::state::Shared;
 use crate::{admin, demo, server::Server};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use http::{HeaderName, HeaderValue, Method};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -15,7 +18,15 @@ Examples:
   palisade demo                              run built-in demo replicas and the proxy, print curl lines
   palisade check -c /etc/palisade/palisade.toml   validate a config (exit 0 if valid, 1 with every error)
   palisade run -c palisade.toml              run the proxy (SIGHUP reloads, SIGTERM drains and exits)
-  palisade -c palisade.toml                  the same: run is the default";
+  palisade -c palisade.toml                  the same: run is the default
+  palisade explain -c palisade.toml GET http://api.example.com/products/1
+                                             what the proxy would do with a request; sends nothing";
+
+const EXPLAIN_EXAMPLES: &str = "\
+Examples:
+  palisade explain -c palisade.toml GET 'http://api.example.com/products/1?b=2&a=1'
+  palisade explain -c palisade.toml GET /orders/7 -H 'Host: api.example.com' -H 'X-API-Key: k1'
+  palisade explain -c palisade.toml GET http://api.example.com/ -H 'X-Forwarded-For: 203.0.113.5' --client-ip 10.0.0.5";
 
 /// Palisade: a caching reverse proxy for HTTP APIs you cannot change.
 #[derive(Parser, Debug)]
@@ -45,8 +56,32 @@ enum Command {
     Run(ConfigArg),
     /// Validate a config file and print a summary, like `nginx -t`.
     Check(ConfigArg),
+    /// Show what the proxy would do with one request: route, cache, rate limit, replica,
+    /// headers. Sends nothing, connects nowhere; exits 0 (also for a 404 or 405), 1 on config
+    /// errors, 2 on bad arguments.
+    #[command(after_help = EXPLAIN_EXAMPLES)]
+    Explain(Box<ExplainArgs>),
     /// Start two demo replicas on loopback and the proxy with config/demo.toml.
     Demo,
+}
+
+#[derive(Args, Debug)]
+struct ExplainArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// The request method, as sent (GET, POST, ...).
+    #[arg(value_parser = explain::parse_method)]
+    method: Method,
+    /// `http://HOST/PATH?QUERY`, or `/PATH?QUERY` with `-H 'Host: NAME'`.
+    #[arg(value_parser = explain::parse_target)]
+    url: Target,
+    /// A request header, `'Name: value'`; repeat for more. A Host header overrides the URL's.
+    #[arg(short = 'H', long = "header", value_name = "NAME: VALUE", value_parser = explain::parse_header)]
+    headers: Vec<(HeaderName, HeaderValue)>,
+    /// The address the request arrives from (the socket peer; X-Forwarded-For is believed only
+    /// when it is in `trusted_proxies`).
+    #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
+    client_ip: IpAddr,
 }
 
 /// Parses the command line and runs the chosen command.
@@ -56,6 +91,7 @@ pub fn main() -> ExitCode {
         None => run(&cli.run.config),
         Some(Command::Run(a)) => run(&a.config),
         Some(Command::Check(a)) => check(&a.config),
+        Some(Command::Explain(a)) => run_explain(*a),
         Some(Command::Demo) => run_demo(),
     }
 }
@@ -76,6 +112,32 @@ fn check(path: &Path) -> ExitCode {
         Ok(c) => {
             print!("{}", summary(&c));
             println!("{}: the configuration is valid", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            print_errors(&e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_explain(a: ExplainArgs) -> ExitCode {
+    let req = match explain::Request::new(a.method, a.url, a.headers, a.client_ip) {
+        Ok(r) => r,
+        Err(e) => {
+            let mut cmd = Cli::command();
+            cmd.build();
+            let explain = cmd
+                .find_subcommand_mut("explain")
+                .expect("explain is a subcommand");
+            explain
+                .error(clap::error::ErrorKind::ValueValidation, e)
+                .exit()
+        }
+    };
+    match config::load(&a.config.config) {
+        Ok(c) => {
+            print!("{}", explain::explain(&c, &req));
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -20,7 +20,8 @@
 //! - [`body`]: streamed request and response bodies.
 //! - [`cache`]: the response cache (policy, keys, memory and Redis tiers, coalescing, purge).
 //! - [`metrics`]: every Prometheus metric; [`admin`]: the admin listener.
-//! - [`cli`]: `run`, `check`, `demo`; [`demo`]: the built-in demo replicas.
+//! - [`cli`]: `run`, `check`, `explain`, `demo`; [`demo`]: the built-in demo replicas;
+//!   [`explain`]: what the proxy would do with one request, without sending it.
 
 pub mod admin;
 pub mod body;
@@ -28,6 +29,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod explain;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;

@@ -425,7 +425,8 @@ pub(super) fn request_host<B>(req: &Request<B>) -> std::borrow::Cow<'_, str> {
     }
 }
 
-fn valid_request_id(v: &HeaderValue) -> bool {
+/// Whether a client's `X-Request-Id` is kept: visible ASCII, 1 to 128 bytes.
+pub fn valid_request_id(v: &HeaderValue) -> bool {
     let b = v.as_bytes();
     !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
 }
@@ -473,7 +474,9 @@ fn check_request<B>(
     check_path(req.uri())
 }
 
-fn check_path(uri: &http::Uri) -> Result<(), ProxyError> {
+/// Refuses paths that could mean something else upstream than to the router: no leading `/`,
+/// backslashes, dot segments (also percent-encoded), encoded NUL, malformed escapes.
+pub fn check_path(uri: &http::Uri) -> Result<(), ProxyError> {
     let path = uri.path();
     if !path.starts_with('/') && path != "*" {
         return Err(ProxyError::BadRequest(

@@ -14,6 +14,7 @@ use gcra::{Decision, Gcra};
 use http::{HeaderMap, HeaderValue, Uri};
 use identity::KeyPart;
 use memory::MemoryStore;
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
@@ -122,6 +123,17 @@ impl Policy {
         }
     }
 
+    /// The Redis key of a client key from [`RateLimiter::key`]: the key itself, or the prefix
+    /// and a SHA-1 digest of the rest when it is over 200 bytes past the prefix.
+    pub fn redis_key<'a>(&self, key: &'a [u8]) -> Cow<'a, [u8]> {
+        if key.len() <= self.redis_prefix.len() + 200 {
+            return Cow::Borrowed(key);
+        }
+        let mut sha = sha1_smol::Sha1::new();
+        sha.update(&key[self.redis_prefix.len()..]);
+        Cow::Owned([&self.redis_prefix[..], sha.digest().to_string().as_bytes()].concat())
+    }
+
     /// The `RateLimit` header value for a decision.
     pub fn ratelimit_header(&self, d: &Decision) -> HeaderValue {
         let t = d.reset_after.as_secs() + u64::from(d.reset_after.subsec_nanos() > 0);
@@ -217,23 +229,11 @@ impl RateLimiter {
         policy: &Policy,
         key: &[u8],
     ) -> Result<Decision, RedisError> {
-        let digest;
-        let key: &[u8] = if key.len() > policy.redis_prefix.len() + 200 {
-            let mut sha = sha1_smol::Sha1::new();
-            sha.update(&key[policy.redis_prefix.len()..]);
-            digest = [
-                &policy.redis_prefix[..],
-                sha.digest().to_string().as_bytes(),
-            ]
-            .concat();
-            &digest
-        } else {
-            key
-        };
+        let key = policy.redis_key(key);
         let (allowed, remaining, retry_us, reset_us): (i64, i64, i64, i64) = redis
             .run_script(
                 &self.script,
-                &[key],
+                &[&*key],
                 &[policy.gcra_us.interval, policy.gcra_us.burst],
             )
             .await?;
