@@ -407,3 +407,56 @@ async fn admin_config_shows_the_effective_config_with_secrets_redacted() {
     })
     .await;
 }
+
+/// Each replica of the first upstream, with its circuit state, from `/admin/upstreams`.
+async fn circuit(p: &Palisade) -> Vec<(String, String)> {
+    let r = p
+        .admin_request(Method::GET, "/admin/upstreams", Some(TOKEN), "")
+        .await;
+    r.json()["upstreams"][0]["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["url"].as_str().unwrap().to_owned(),
+                r["circuit"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_an_upstream_keeps_its_replicas_open_circuits() {
+    bounded(60, async {
+        let up = Upstream::start("a");
+        let dead = format!("http://{}", dead_addr());
+        let breaker = |timeout: &str| {
+            format!(
+                "timeout = \"{timeout}\"\n[upstreams.backend.circuit_breaker]\nconsecutive_failures = 2\nopen_for = \"30s\""
+            )
+        };
+        let replicas = [up.url(), dead.clone()];
+        let p = Palisade::start(&config("watch = false", &breaker("10s"), &replicas)).await;
+        for _ in 0..6 {
+            let _ = get(&http1(), &p.url("/x"), &[]).await;
+        }
+        let before = circuit(&p).await;
+        assert!(
+            before.contains(&(dead.clone(), "open".to_owned())),
+            "two refused connections open the circuit: {before:?}"
+        );
+
+        p.write_config(&config("watch = false", &breaker("12s"), &replicas));
+        let r = p
+            .admin_request(Method::POST, "/admin/reload", Some(TOKEN), "")
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(circuit(&p).await, before, "the changed upstream keeps each replica's circuit");
+        for _ in 0..6 {
+            let r = get(&http1(), &p.url("/x"), &[]).await;
+            assert_eq!(r.status, 200, "the open circuit keeps requests off the dead replica");
+        }
+    })
+    .await;
+}
