@@ -1,5 +1,5 @@
-//! Reload through each trigger (SIGHUP is in lifecycle.rs): `POST /admin/reload` and a change
-//! of the file on disk, good and bad files, 20 reloads of each under load, and what a reload
+//! Reload through `POST /admin/reload` and a change of the file on disk (SIGHUP's good and bad
+//! files are in lifecycle.rs), 20 reloads through each of the three triggers under load, and what a reload
 //! keeps: cached entries and open connections on a listener that moved.
 
 mod common;
@@ -257,6 +257,10 @@ async fn twenty_reloads_under_load(trigger: &str) {
     for i in 0..20 {
         let text = &configs[(i + 1) % 2];
         match trigger {
+            "signal" => {
+                let line = p.reload(text).await;
+                assert_eq!(line["message"], "config reloaded", "reload {i}: {line}");
+            }
             "admin" => {
                 p.write_config(text);
                 let r = p
@@ -292,6 +296,11 @@ async fn twenty_reloads_under_load(trigger: &str) {
         .filter(|l| l["message"] == "config reloaded" && l["trigger"] == trigger)
         .count();
     assert_eq!(by_trigger, 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_sighup_reloads_under_load_fail_no_request() {
+    bounded(120, twenty_reloads_under_load("signal")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
