@@ -599,6 +599,30 @@ async fn memory_stays_within_its_budget() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_entries_leave_memory_without_any_request() {
+    bounded(30, async {
+        let up = Upstream::start("a");
+        let p = Palisade::start(&cache_config("", &up.url(), r#"{ ttl = "1s" }"#)).await;
+        let c = http1();
+        for i in 0..200 {
+            let r = get(&c, &p.url(&format!("/e/{i}")), &[]).await;
+            assert_eq!(r.status, 200);
+        }
+        let entries = |m: &str| metric_value(m, "palisade_cache_entries", &[("tier", "memory")]);
+        assert_eq!(entries(&p.metrics().await), Some(200.0));
+        // No request after the fill: the housekeeping thread alone removes what expired.
+        tokio::time::sleep(ms(2500)).await;
+        let m = p.metrics().await;
+        assert_eq!(entries(&m), Some(0.0), "{m}");
+        assert_eq!(
+            metric_value(&m, "palisade_cache_bytes", &[("tier", "memory")]),
+            Some(0.0)
+        );
+    })
+    .await;
+}
+
 fn redis_config(redis: &RedisServer, replica: &str) -> String {
     cache_config(
         &format!(

@@ -231,9 +231,9 @@ impl MemoryStore {
         v
     }
 
-    /// Applies pending evictions now: moka batches them, and a batch of large bodies stored
+    /// Applies pending evictions and expiries now: moka batches them, and a batch of large bodies stored
     /// before it runs would overshoot the byte budget.
-    fn settle(&self) {
+    pub fn settle(&self) {
         self.cache.run_pending_tasks();
     }
 
@@ -262,9 +262,8 @@ impl MemoryStore {
             .count()
     }
 
-    /// URLs stored and their weight in bytes (after pending evictions settle).
+    /// URLs stored and their weight in bytes, as of the last housekeeping run.
     pub fn usage(&self) -> (u64, u64) {
-        self.cache.run_pending_tasks();
         (self.cache.entry_count(), self.cache.weighted_size())
     }
 }

@@ -166,10 +166,17 @@ pub struct ResponseCache {
     redis_errors: IntCounter,
 }
 
+/// How often the memory tier's housekeeping runs off the request path.
+pub const HOUSEKEEPING_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
 impl ResponseCache {
     /// A cache with `memory` bytes of budget; bodies over `max_object_size` are not stored.
+    ///
+    /// A thread of its own runs the memory tier's housekeeping (expiry, eviction) every
+    /// [`HOUSEKEEPING_EVERY`], so that a wave of expiring entries is removed there instead of in
+    /// one long batch on a request's worker thread; it ends when the cache is dropped.
     pub fn new(memory: u64, max_object_size: u64, metrics: &Metrics) -> Arc<Self> {
-        Arc::new(ResponseCache {
+        let cache = Arc::new(ResponseCache {
             memory: MemoryStore::new(
                 memory,
                 metrics.cache_evictions.with_label_values(&["memory"]),
@@ -179,7 +186,21 @@ impl ResponseCache {
             entries: metrics.cache_entries.with_label_values(&["memory"]),
             bytes: metrics.cache_bytes.with_label_values(&["memory"]),
             redis_errors: metrics.redis_errors.with_label_values(&["cache"]),
-        })
+        });
+        let weak = Arc::downgrade(&cache);
+        let spawned = std::thread::Builder::new()
+            .name("cache-housekeeping".into())
+            .spawn(move || {
+                while let Some(cache) = weak.upgrade() {
+                    cache.memory.settle();
+                    drop(cache);
+                    std::thread::sleep(HOUSEKEEPING_EVERY);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the cache housekeeping thread; requests will do it");
+        }
+        cache
     }
 
     /// Largest body stored.
