@@ -231,8 +231,8 @@ impl MemoryStore {
         v
     }
 
-    /// Applies pending evictions and expiries now: moka batches them, and a batch of large bodies stored
-    /// before it runs would overshoot the byte budget.
+    /// Applies pending evictions and expiries now: moka batches them, and a batch of large
+    /// bodies stored before it runs would overshoot the byte budget.
     pub fn settle(&self) {
         self.cache.run_pending_tasks();
     }
