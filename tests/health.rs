@@ -204,7 +204,19 @@ half_open_requests = 1"#,
             Some(1.0)
         );
         assert_eq!(metric_value(&m, "palisade_replica_healthy", &[("replica", &c_url)]), Some(1.0));
-        assert!(metric_value(&m, "palisade_retries_total", &[("upstream", "backend")]).unwrap() >= 1.0);
+        // Every failed attempt on the killed replica was either retried elsewhere or reported
+        // to its client (only POSTs may be: in flight at the kill, they are not retried).
+        let failed_on_c: f64 = ["connect_error", "timeout", "error"]
+            .iter()
+            .map(|o| metric_value(&m, "palisade_upstream_requests_total", &[("replica", &c_url), ("outcome", o)]).unwrap_or(0.0))
+            .sum();
+        let retries = metric_value(&m, "palisade_retries_total", &[("upstream", "backend")]).unwrap();
+        assert!(failed_on_c >= 1.0, "the kill cost at least one attempt");
+        assert!(
+            retries + (get_failed + post_failed) as f64 >= failed_on_c,
+            "{failed_on_c} failed attempts on the killed replica, {retries} retries, {} failures seen",
+            get_failed + post_failed
+        );
         drop((a, b));
     })
     .await;
