@@ -17,7 +17,7 @@ use crate::ratelimit::identity::{self, KeyPart};
 use crate::ratelimit::{Missing, Policy, RateLimiter};
 use crate::redis::RedisTarget;
 use crate::router::{RouteMatch, Router, normalize_host};
-use crate::upstream::{Outcome, OutcomeSet, Upstream, retry};
+use crate::upstream::{Outcome, Upstream, retry};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 use std::fmt::Write as _;
 use std::net::IpAddr;
@@ -373,11 +373,9 @@ fn near_misses(
 }
 
 fn dur(d: Duration) -> String {
-    if d.is_zero() {
-        "0s".into()
-    } else {
-        humantime::format_duration(d).to_string().replace(' ', "")
-    }
+    crate::config::values::Duration(d)
+        .to_string()
+        .replace(' ', "")
 }
 
 fn explain_cache(
@@ -617,30 +615,6 @@ fn client_story(config: &Config, req: &Request, client: IpAddr) -> String {
     }
 }
 
-fn outcome_names(set: &OutcomeSet) -> String {
-    let mut names = Vec::new();
-    for (o, n) in [
-        (Outcome::Connect, "connect"),
-        (Outcome::Timeout, "timeout"),
-        (Outcome::Error, "error"),
-    ] {
-        if set.contains(o) {
-            names.push(n.to_owned());
-        }
-    }
-    let all_5xx = (500..=599).all(|s| set.contains(Outcome::Status(s)));
-    for s in 400..=599u16 {
-        if all_5xx && s >= 500 {
-            names.push("5xx".into());
-            break;
-        }
-        if set.contains(Outcome::Status(s)) {
-            names.push(s.to_string());
-        }
-    }
-    names.join(", ")
-}
-
 fn explain_upstream(
     out: &mut Out,
     config: &Config,
@@ -729,7 +703,7 @@ fn explain_upstream(
                     "up to {} more attempt{} on other replicas after {}; budget {}% + {}/s",
                     r.attempts,
                     if r.attempts == 1 { "" } else { "s" },
-                    outcome_names(&r.on),
+                    r.on.names().join(", "),
                     r.budget * 100.0,
                     r.min_per_second
                 ),

@@ -634,18 +634,6 @@ fn redis_config(redis: &RedisServer, replica: &str) -> String {
     )
 }
 
-async fn wait_redis_key(redis: &RedisServer, key: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !redis
-        .command(&["EXISTS", key])
-        .unwrap_or_default()
-        .starts_with(":1")
-    {
-        assert!(Instant::now() < deadline, "{key} never reached Redis");
-        tokio::time::sleep(ms(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_share_the_redis_tier_corrupt_entries_are_misses_and_purge_reaches_both_tiers()
  {
@@ -656,7 +644,9 @@ async fn two_instances_share_the_redis_tier_corrupt_entries_are_misses_and_purge
         let b = Palisade::start(&redis_config(&redis, &up.url())).await;
         let c = http1();
         let first = get(&c, &a.url("/shared"), &[]).await;
-        wait_redis_key(&redis, "palisade:cache:v1:api:127.0.0.1/shared").await;
+        redis
+            .wait_key("palisade:cache:v1:api:127.0.0.1/shared")
+            .await;
         let other = get(&c, &b.url("/shared"), &[]).await;
         assert_eq!(other.body, first.body);
         assert!(
@@ -695,7 +685,9 @@ async fn two_instances_share_the_redis_tier_corrupt_entries_are_misses_and_purge
         get(&c, &a.url("/products/1"), &[]).await;
         get(&c, &a.url("/products/2"), &[]).await;
         get(&c, &a.url("/other"), &[]).await;
-        wait_redis_key(&redis, "palisade:cache:v1:api:127.0.0.1/other").await;
+        redis
+            .wait_key("palisade:cache:v1:api:127.0.0.1/other")
+            .await;
         let r = purge(&a, r#"{"prefix": "/products/"}"#).await;
         assert_eq!(
             (r.json()["memory"].as_u64(), r.json()["redis"].as_u64()),

@@ -225,22 +225,6 @@ fn unescape(s: &str) -> String {
     String::from_utf8(out).expect("the test's key bytes are ASCII")
 }
 
-async fn wait_redis_key(redis: &RedisServer, key: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !redis
-        .command(&["EXISTS", key])
-        .unwrap_or_default()
-        .starts_with(":1")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "{key:?} is not in Redis; keys there: {:?}",
-            redis.command(&["KEYS", "*"])
-        );
-        tokio::time::sleep(ms(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_and_rate_limit_keys_are_the_ones_the_running_proxy_writes() {
     bounded(60, async {
@@ -272,10 +256,10 @@ async fn cache_and_rate_limit_keys_are_the_ones_the_running_proxy_writes() {
         assert_eq!(cache_key, "items:127.0.0.1/items/7?a=1&b=2", "{}", e.stdout);
         let redis_key = e.field("cache", "  redis key");
         assert_eq!(redis_key, format!("palisade:cache:v1:{cache_key}"));
-        wait_redis_key(&redis, &redis_key).await;
+        redis.wait_key(&redis_key).await;
         let limit_key = unescape(&e.field("rate limit", "  key"));
         assert!(limit_key.ends_with("4\x0a\x14\x1e\x28|k1"), "{limit_key:?}");
-        wait_redis_key(&redis, &limit_key).await;
+        redis.wait_key(&limit_key).await;
     })
     .await;
 }

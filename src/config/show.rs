@@ -60,7 +60,7 @@ pub fn effective_json(c: &Config) -> Value {
 }
 
 fn duration(d: Duration) -> String {
-    humantime::format_duration(d).to_string()
+    values::Duration(d).to_string()
 }
 
 fn redis(r: &RedisSettings, with_on_error: bool) -> Value {

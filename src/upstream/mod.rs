@@ -133,27 +133,27 @@ impl OutcomeSet {
         Ok(())
     }
 
-    /// The set in config names, with a full 500–599 range written as "5xx".
+    /// The set in config names, statuses ascending, with a full 500–599 range written "5xx".
     pub fn names(&self) -> Vec<String> {
         let mut out: Vec<String> = [
-            (self.connect, "connect"),
-            (self.timeout, "timeout"),
-            (self.error, "error"),
+            (Outcome::Connect, "connect"),
+            (Outcome::Timeout, "timeout"),
+            (Outcome::Error, "error"),
         ]
         .into_iter()
-        .filter(|(on, _)| *on)
+        .filter(|(o, _)| self.contains(*o))
         .map(|(_, n)| n.to_owned())
         .collect();
-        let has = |s: u16| self.contains(Outcome::Status(s));
-        let all_5xx = (500..=599).all(has);
-        if all_5xx {
-            out.push("5xx".to_owned());
+        let all_5xx = (500..=599).all(|s| self.contains(Outcome::Status(s)));
+        for s in 400..=599u16 {
+            if all_5xx && s >= 500 {
+                out.push("5xx".to_owned());
+                break;
+            }
+            if self.contains(Outcome::Status(s)) {
+                out.push(s.to_string());
+            }
         }
-        out.extend(
-            (400..=599)
-                .filter(|&s| has(s) && !(all_5xx && s >= 500))
-                .map(|s| s.to_string()),
-        );
         out
     }
 

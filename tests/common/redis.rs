@@ -70,6 +70,23 @@ impl RedisServer {
         }
     }
 
+    /// Waits up to 5 s for `key` to exist, failing the test with the keys there if it does not.
+    pub async fn wait_key(&self, key: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self
+            .command(&["EXISTS", key])
+            .unwrap_or_default()
+            .starts_with(":1")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{key:?} is not in Redis; keys there: {:?}",
+                self.command(&["KEYS", "*"])
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Sends one command in RESP and returns the raw reply.
     pub fn command(&self, args: &[&str]) -> std::io::Result<String> {
         use std::io::{Read, Write};
