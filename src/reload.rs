@@ -61,24 +61,31 @@ impl Reloader {
 
     /// Reads, validates and installs the config file; an invalid file keeps the running config.
     pub fn reload(&self, trigger: Trigger) -> Result<Arc<Config>, ConfigErrors> {
-        let mut last = self.last_text.lock().expect("reload lock");
-        let path = self.shared.snapshot.load().config.file.clone();
-        let text = config::read(&path);
-        *last = text.as_ref().ok().cloned();
-        self.apply(&path, text, trigger)
+        self.read_and_apply(trigger, false)
+            .expect("a reload that need not see a change always runs")
     }
 
     /// Reloads when the file's text differs from what was last read.
     fn reload_if_changed(&self) {
+        let _ = self.read_and_apply(Trigger::FileChange, true);
+    }
+
+    /// Reads the file under the reload lock and applies it, unless `only_if_changed` and its
+    /// text is the text last read (`None` then).
+    fn read_and_apply(
+        &self,
+        trigger: Trigger,
+        only_if_changed: bool,
+    ) -> Option<Result<Arc<Config>, ConfigErrors>> {
         let mut last = self.last_text.lock().expect("reload lock");
         let path = self.shared.snapshot.load().config.file.clone();
         let text = config::read(&path);
         let now = text.as_ref().ok().cloned();
-        if now == *last {
-            return;
+        if only_if_changed && now == *last {
+            return None;
         }
         *last = now;
-        let _ = self.apply(&path, text, Trigger::FileChange);
+        Some(self.apply(&path, text, trigger))
     }
 
     fn apply(
