@@ -339,11 +339,14 @@ enum Start {
 /// Runs the proxy with a validated config until SIGTERM or SIGINT.
 fn serve(config: Config, start: Start) -> ExitCode {
     let _log_guard = init_logging(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.server.workers)
-        .enable_all()
-        .build()
-    {
+    let mut builder = if config.server.workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(config.server.workers);
+        b
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

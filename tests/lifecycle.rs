@@ -236,8 +236,12 @@ async fn admin_paths_are_not_routed_when_no_route_matches() {
 async fn sigterm_drains_in_flight_requests_then_exits_0() {
     bounded(60, async {
         let up = Upstream::start("slow");
-        let mut p =
-            Palisade::start(&simple_config("drain_timeout = \"10s\"", "", &[up.url()])).await;
+        let mut p = Palisade::start(&simple_config(
+            "drain_timeout = \"10s\"\nworkers = 2",
+            "",
+            &[up.url()],
+        ))
+        .await;
         let public = p.public;
         let slow = tokio::spawn({
             let url = p.url("/slow?delay_ms=3000&size=100000");

@@ -308,7 +308,12 @@ async fn h2c_prior_knowledge_works() {
 async fn max_connections_holds_the_third_connection_until_one_closes() {
     bounded(40, async {
         let up = Upstream::start("u");
-        let p = Palisade::start(&simple_config("max_connections = 2", "", &[up.url()])).await;
+        let p = Palisade::start(&simple_config(
+            "max_connections = 2\nworkers = 2",
+            "",
+            &[up.url()],
+        ))
+        .await;
         let mut first = Raw::connect(p.public).await;
         let mut second = Raw::connect(p.public).await;
         for c in [&mut first, &mut second] {

@@ -13,7 +13,7 @@ const TOKEN: &str = "reload-test-token";
 
 /// A config with an admin token, the file watcher's `reload` settings, and one route.
 fn config(reload: &str, upstream_extra: &str, replicas: &[String]) -> String {
-    simple_config("", upstream_extra, replicas).replace(
+    simple_config("workers = 2", upstream_extra, replicas).replace(
         "[admin]\n",
         &format!("[reload]\n{reload}\n\n[admin]\ntoken = \"{TOKEN}\"\n"),
     )

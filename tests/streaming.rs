@@ -58,7 +58,12 @@ async fn one_gib_upload_streams_with_bounded_memory() {
 async fn one_gib_download_streams_with_bounded_memory() {
     bounded(150, async {
         let up = Upstream::start("source");
-        let p = Palisade::start(&simple_config("", "timeout = \"60s\"", &[up.url()])).await;
+        let p = Palisade::start(&simple_config(
+            "workers = 2",
+            "timeout = \"60s\"",
+            &[up.url()],
+        ))
+        .await;
         let client = http1();
         let resp = client
             .request(

@@ -13,10 +13,17 @@ use std::time::{Duration, Instant};
 pub const BIN: &str = env!("CARGO_BIN_EXE_palisade");
 
 /// A config with the public and admin listeners on ephemeral loopback ports, JSON logs, and
-/// `server_extra` lines inside `[server]`; append upstreams and routes after it.
+/// `server_extra` lines inside `[server]`; append upstreams and routes after it. It runs one
+/// worker (the single-threaded runtime the load bench measures) unless `server_extra` sets
+/// `workers` (the suites that load the proxy hardest run two, on the work-stealing runtime).
 pub fn base_config(server_extra: &str) -> String {
+    let workers = if server_extra.contains("workers") {
+        ""
+    } else {
+        "workers = 1\n"
+    };
     format!(
-        "[server]\nlisten = [\"127.0.0.1:0\"]\nworkers = 2\n{server_extra}\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[log]\nformat = \"json\"\nlevel = \"info\"\n\n"
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n{workers}{server_extra}\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[log]\nformat = \"json\"\nlevel = \"info\"\n\n"
     )
 }
 
