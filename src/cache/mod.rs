@@ -250,8 +250,8 @@ impl ResponseCache {
         }
         let directives = RequestDirectives::parse(req.headers);
         pending.facts.no_store = directives.no_store;
-        pending.request = req.headers.clone();
         if directives.no_cache {
+            pending.request = req.headers.clone();
             pending.mode = Mode::ClientRevalidates;
             if let Found::Entry(e) = self.memory.find(&pending.key, req.headers) {
                 pending.stale = Some(e);
@@ -261,7 +261,7 @@ impl ResponseCache {
         let mut found = self.memory.find(&pending.key, req.headers);
         let mut coalesced = false;
         for round in 0..2 {
-            if let Some(answer) = self.answer(&mut pending, &found, coalesced) {
+            if let Some(answer) = self.answer(&pending, req.headers, &found, coalesced) {
                 return Ok(answer);
             }
             if round == 1 {
@@ -272,7 +272,7 @@ impl ResponseCache {
                     && matches!(found, Found::None)
                 {
                     found = self.read_tier(tier, &pending.key, req.headers).await;
-                    if let Some(answer) = self.answer(&mut pending, &found, false) {
+                    if let Some(answer) = self.answer(&pending, req.headers, &found, false) {
                         return Ok(answer);
                     }
                 }
@@ -284,7 +284,7 @@ impl ResponseCache {
                         && matches!(found, Found::None)
                     {
                         found = self.read_tier(tier, &pending.key, req.headers).await;
-                        if let Some(answer) = self.answer(&mut pending, &found, false) {
+                        if let Some(answer) = self.answer(&pending, req.headers, &found, false) {
                             return Ok(answer);
                         }
                     }
@@ -307,6 +307,7 @@ impl ResponseCache {
             Found::VaryMiss => pending.mode = Mode::VaryMiss,
             Found::None => {}
         }
+        pending.request = req.headers.clone();
         Ok(Lookup::Forward(Box::new(pending)))
     }
 
@@ -324,7 +325,15 @@ impl ResponseCache {
         }
     }
 
-    fn answer(&self, pending: &mut Pending, found: &Found, coalesced: bool) -> Option<Lookup> {
+    /// The answer a stored entry gives (fresh, or stale within stale_while_revalidate, with
+    /// its background refresh); `None` when the request must go upstream.
+    fn answer(
+        &self,
+        pending: &Pending,
+        request: &HeaderMap,
+        found: &Found,
+        coalesced: bool,
+    ) -> Option<Lookup> {
         let Found::Entry(e) = found else { return None };
         let now = now_ms();
         if e.is_fresh(now) {
@@ -333,13 +342,9 @@ impl ResponseCache {
             } else {
                 CacheResult::Hit
             };
-            let status = if coalesced {
-                format!("palisade; hit; ttl={}; collapsed", e.ttl_secs(now))
-            } else {
-                format!("palisade; hit; ttl={}", e.ttl_secs(now))
-            };
+            let status = hit_status(e.ttl_secs(now), if coalesced { "; collapsed" } else { "" });
             return Some(Lookup::Answer {
-                response: Box::new(serve(e, &pending.request, pending.head, now, &status)),
+                response: Box::new(serve(e, request, pending.head, now, status)),
                 result,
                 refresh: None,
             });
@@ -354,18 +359,15 @@ impl ResponseCache {
                     mode: Mode::Refresh,
                     stale: Some(e.clone()),
                     guard: Some(guard),
-                    request: pending.request.clone(),
+                    request: request.clone(),
                     facts: pending.facts,
                     head: false,
                 })),
                 _ => None,
             };
-            let status = format!(
-                "palisade; hit; ttl={}; detail=stale-while-revalidate",
-                e.ttl_secs(now)
-            );
+            let status = hit_status(e.ttl_secs(now), "; detail=stale-while-revalidate");
             return Some(Lookup::Answer {
-                response: Box::new(serve(e, &pending.request, pending.head, now, &status)),
+                response: Box::new(serve(e, request, pending.head, now, status)),
                 result: CacheResult::Stale,
                 refresh,
             });
@@ -498,6 +500,10 @@ fn not_modified(e: &CachedResponse, req: &HeaderMap) -> bool {
     }
 }
 
+/// Headers a hit gets on top of the stored ones (Age, Cache-Status, X-Request-Id, Via and the
+/// two rate-limit headers): room for them is made at once rather than by growing the map.
+const HIT_EXTRA_HEADERS: usize = 6;
+
 /// A response from a stored entry, with `Age` and `Cache-Status`; a 304 when the client's
 /// conditional is satisfied; no body for HEAD.
 fn serve(
@@ -505,11 +511,9 @@ fn serve(
     req: &HeaderMap,
     head: bool,
     now: u64,
-    cache_status: &str,
+    status_value: HeaderValue,
 ) -> Response<ResponseBody> {
-    let age = HeaderValue::from(e.age_ms(now) / 1000);
-    let status_value = HeaderValue::from_str(cache_status)
-        .unwrap_or_else(|_| HeaderValue::from_static("palisade"));
+    let age = age_value(e.age_ms(now) / 1000);
     if e.status == StatusCode::OK && not_modified(e, req) {
         let mut r = Response::new(ResponseBody::empty());
         *r.status_mut() = StatusCode::NOT_MODIFIED;
@@ -534,7 +538,10 @@ fn serve(
     let mut r = Response::new(body);
     *r.status_mut() = e.status;
     let h = r.headers_mut();
-    *h = e.headers.clone();
+    *h = HeaderMap::with_capacity(e.headers.len() + HIT_EXTRA_HEADERS);
+    for (name, value) in &e.headers {
+        h.append(name.clone(), value.clone());
+    }
     h.insert(header::AGE, age);
     h.insert(&CACHE_STATUS, status_value);
     r
@@ -622,7 +629,13 @@ impl Pending {
                 e.ttl_secs(now)
             ),
         };
-        Some(serve(e, &self.request, self.head, now, &status))
+        Some(serve(
+            e,
+            &self.request,
+            self.head,
+            now,
+            status_value(&status),
+        ))
     }
 
     fn fwd(&self) -> &'static str {
@@ -717,7 +730,13 @@ impl Pending {
                 stored.ttl_secs(now)
             );
             return Finish::Replace(
-                Box::new(serve(&stored, &self.request, self.head, now, &cs)),
+                Box::new(serve(
+                    &stored,
+                    &self.request,
+                    self.head,
+                    now,
+                    status_value(&cs),
+                )),
                 CacheResult::Revalidated,
             );
         }
@@ -745,14 +764,14 @@ impl Pending {
             set_status(&mut parts.headers, &format!("palisade; fwd={}", self.fwd()));
             return Finish::Pass(result);
         };
-        let mut headers = parts.headers.clone();
+        let mut headers = memory::compact(&parts.headers);
         headers.remove(header::AGE);
         let vary = vary
             .into_iter()
             .map(|name| {
                 let mut values = self.request.get_all(&name).iter();
                 let v = match (values.next(), values.next()) {
-                    (Some(v), None) => Some(v.clone()),
+                    (Some(v), None) => Some(memory::own_value(v)),
                     (Some(v), Some(_)) => {
                         let joined: Vec<&[u8]> = self
                             .request
@@ -762,7 +781,7 @@ impl Pending {
                             .collect();
                         HeaderValue::from_bytes(&joined.join(&b", "[..]))
                             .ok()
-                            .or(Some(v.clone()))
+                            .or(Some(memory::own_value(v)))
                     }
                     _ => None,
                 };
@@ -790,8 +809,38 @@ impl Pending {
 }
 
 fn set_status(h: &mut HeaderMap, v: &str) {
-    if let Ok(v) = HeaderValue::from_str(v) {
-        h.insert(&CACHE_STATUS, v);
+    h.insert(&CACHE_STATUS, status_value(v));
+}
+
+/// A `Cache-Status` value (`palisade` alone should one not be a valid header value).
+fn status_value(v: &str) -> HeaderValue {
+    HeaderValue::from_str(v).unwrap_or_else(|_| HeaderValue::from_static("palisade"))
+}
+
+/// The `Cache-Status` of a hit, `palisade; hit; ttl=N` and `suffix`, built in one exact-size
+/// allocation: this runs on every hit.
+fn hit_status(ttl: i64, suffix: &'static str) -> HeaderValue {
+    const PREFIX: &[u8] = b"palisade; hit; ttl=";
+    let mut n = itoa::Buffer::new();
+    let n = n.format(ttl).as_bytes();
+    let mut v = Vec::with_capacity(PREFIX.len() + n.len() + suffix.len());
+    v.extend_from_slice(PREFIX);
+    v.extend_from_slice(n);
+    v.extend_from_slice(suffix.as_bytes());
+    HeaderValue::from_maybe_shared(Bytes::from(v))
+        .unwrap_or_else(|_| HeaderValue::from_static("palisade"))
+}
+
+/// Ages below this many seconds come from a table made once.
+const AGE_TABLE: u64 = 3600;
+
+/// An `Age` value: shared from a table for the first hour, else written once.
+fn age_value(secs: u64) -> HeaderValue {
+    static AGES: std::sync::LazyLock<Vec<HeaderValue>> =
+        std::sync::LazyLock::new(|| (0..AGE_TABLE).map(HeaderValue::from).collect());
+    match AGES.get(secs as usize) {
+        Some(v) => v.clone(),
+        None => HeaderValue::from(secs),
     }
 }
 
