@@ -187,37 +187,45 @@ impl HeadScan {
         };
     }
 
-    /// Feeds bytes read; returns true when the head ended with both headers present.
-    fn feed(&mut self, data: &[u8]) -> bool {
-        for &b in data {
-            if !self.active {
-                break;
+    /// Feeds bytes read; returns true when the head ended with both headers present. Works a
+    /// line at a time (a `memchr` for each line end), keeping only a line's first bytes.
+    fn feed(&mut self, mut data: &[u8]) -> bool {
+        while self.active {
+            let Some(end) = memchr::memchr(b'\n', data) else {
+                self.keep(data);
+                return false;
+            };
+            self.keep(&data[..end]);
+            data = &data[end + 1..];
+            if self.line_len == 0 {
+                if self.lines > 0 {
+                    self.active = false;
+                    return self.content_length && self.transfer_encoding;
+                }
+                continue;
             }
-            match b {
-                b'\n' if self.line_len == 0 => {
-                    if self.lines > 0 {
-                        self.active = false;
-                        return self.content_length && self.transfer_encoding;
-                    }
-                }
-                b'\n' => {
-                    let name = &self.line[..self.line_len.min(self.line.len())];
-                    self.content_length |=
-                        name.len() >= 15 && name[..15].eq_ignore_ascii_case(b"content-length:");
-                    self.transfer_encoding |= name.eq_ignore_ascii_case(b"transfer-encoding:");
-                    self.lines += 1;
-                    self.line_len = 0;
-                }
-                b'\r' => {}
-                _ => {
-                    if self.line_len < self.line.len() {
-                        self.line[self.line_len] = b;
-                    }
-                    self.line_len += 1;
-                }
-            }
+            let name = &self.line[..self.line_len];
+            self.content_length |=
+                name.len() >= 15 && name[..15].eq_ignore_ascii_case(b"content-length:");
+            self.transfer_encoding |= name.eq_ignore_ascii_case(b"transfer-encoding:");
+            self.lines += 1;
+            self.line_len = 0;
         }
         false
+    }
+
+    /// Adds a piece of the current line, CRs left out (they only end lines), up to the
+    /// length kept; a line longer than that is told apart by its first bytes alone.
+    fn keep(&mut self, piece: &[u8]) {
+        for &b in piece {
+            if self.line_len == self.line.len() {
+                return;
+            }
+            if b != b'\r' {
+                self.line[self.line_len] = b;
+                self.line_len += 1;
+            }
+        }
     }
 }
 
@@ -577,5 +585,29 @@ mod tests {
         assert!(!scan(&[
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nX-Content-Length: 5\r\n\r\n"
         ]));
+    }
+
+    #[test]
+    fn head_scan_gives_the_same_answer_one_byte_at_a_time() {
+        let long = format!("X-Long: {}\r\n", "v".repeat(5000));
+        let heads = [
+            (
+                format!("POST / HTTP/1.1\r\n{long}Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"),
+                true,
+            ),
+            (
+                format!("POST / HTTP/1.1\r\nTransfer-Encoding-X: chunked\r\n{long}Content-Length: 5\r\n\r\n"),
+                false,
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n".to_owned(),
+                false,
+            ),
+        ];
+        for (head, both) in heads {
+            let bytes: Vec<&[u8]> = head.as_bytes().chunks(1).collect();
+            assert_eq!(scan(&bytes), both, "byte at a time: {head:.60}");
+            assert_eq!(scan(&[head.as_bytes()]), both, "at once: {head:.60}");
+        }
     }
 }

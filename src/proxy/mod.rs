@@ -46,13 +46,23 @@ pub async fn handle(
         headers::VIA_H1
     };
 
-    let (mut resp, route, replica) = match forward(shared, &snap, conn, req, &request_id).await {
+    let Answer {
+        mut resp,
+        route,
+        replica,
+        cache,
+    } = match forward(shared, &snap, conn, req, &request_id).await {
         Ok(answer) => answer,
         Err((e, route)) => {
             if e.status().is_server_error() {
                 tracing::warn!(request_id = request_id.to_str().unwrap_or("-"), error = %e, "request failed");
             }
-            (e.into_response(&request_id), route, None)
+            Answer {
+                resp: e.into_response(&request_id),
+                route,
+                replica: None,
+                cache: None,
+            }
         }
     };
 
@@ -60,10 +70,7 @@ pub async fn handle(
     h.insert(&headers::X_REQUEST_ID, request_id.clone());
     h.append(header::VIA, via);
     let status = resp.status();
-    let cache = resp
-        .extensions()
-        .get::<CacheResult>()
-        .map_or(NO_ROUTE, |r| r.as_str());
+    let cache = cache.map_or(NO_ROUTE, |r| r.as_str());
     let counters = match route {
         Some(i) => {
             snap.routes[i]
@@ -92,7 +99,13 @@ pub async fn handle(
     resp
 }
 
-type Answer = (Response<ResponseBody>, Option<usize>, Option<Arc<str>>);
+/// What [`forward`] answers with, and for the metrics and the access log where it came from.
+struct Answer {
+    resp: Response<ResponseBody>,
+    route: Option<usize>,
+    replica: Option<Arc<str>>,
+    cache: Option<CacheResult>,
+}
 
 async fn forward(
     shared: &Shared,
@@ -174,14 +187,18 @@ async fn forward(
                 result,
                 refresh,
             }) => {
-                let mut response = *response;
+                let mut resp = *response;
                 policy.count(result);
                 if let Some(r) = refresh {
                     refresh::spawn(shared, snap, conn, &req, upstream.clone(), r);
                 }
-                add_limit_headers(response.headers_mut(), limit_headers);
-                response.extensions_mut().insert(result);
-                return Ok((response, Some(route), None));
+                add_limit_headers(resp.headers_mut(), limit_headers);
+                return Ok(Answer {
+                    resp,
+                    route: Some(route),
+                    replica: None,
+                    cache: Some(result),
+                });
             }
             Ok(Lookup::Forward(p)) => pending = Some(p),
             Err(e) => return Err((ProxyError::from(e), Some(route))),
@@ -264,11 +281,15 @@ async fn forward(
                 r
             }
             Finish::Replace(response, r) => {
-                let mut response = *response;
+                let mut resp = *response;
                 count_cache(snap, route, r);
-                add_limit_headers(response.headers_mut(), limit_headers);
-                response.extensions_mut().insert(r);
-                return Ok((response, Some(route), Some(replica.url.clone())));
+                add_limit_headers(resp.headers_mut(), limit_headers);
+                return Ok(Answer {
+                    resp,
+                    route: Some(route),
+                    replica: Some(replica.url.clone()),
+                    cache: Some(r),
+                });
             }
         };
         count_cache(snap, route, result);
@@ -281,11 +302,12 @@ async fn forward(
     if let Some(c) = capture {
         body.capture(c);
     }
-    let mut response = Response::from_parts(parts, body);
-    if let Some(r) = cache_result {
-        response.extensions_mut().insert(r);
-    }
-    Ok((response, Some(route), Some(replica.url.clone())))
+    Ok(Answer {
+        resp: Response::from_parts(parts, body),
+        route: Some(route),
+        replica: Some(replica.url.clone()),
+        cache: cache_result,
+    })
 }
 
 fn add_limit_headers(h: &mut http::HeaderMap, limit: Option<(HeaderValue, HeaderValue)>) {
@@ -310,8 +332,12 @@ fn stale_answer(
 ) -> Answer {
     count_cache(snap, route, CacheResult::Stale);
     add_limit_headers(response.headers_mut(), limit);
-    response.extensions_mut().insert(CacheResult::Stale);
-    (response, Some(route), None)
+    Answer {
+        resp: response,
+        route: Some(route),
+        replica: None,
+        cache: Some(CacheResult::Stale),
+    }
 }
 
 /// The cache key a Location or Content-Location names, when it is on the request's own host
