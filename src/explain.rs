@@ -758,7 +758,7 @@ fn explain_headers(out: &mut Out, config: &Config, spec: &RouteSpec, req: &Reque
     let trusted = headers::is_trusted(req.peer, &config.server.trusted_proxies);
     headers::set_forwarding(
         &mut h,
-        req.peer,
+        &headers::Peer::new(req.peer),
         trusted,
         req.host_value(),
         req.proto,

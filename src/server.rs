@@ -36,6 +36,8 @@ const NONE: u64 = u64::MAX;
 pub struct ConnInfo {
     /// The client's socket address.
     pub peer: SocketAddr,
+    /// The client's address as X-Forwarded-For and Forwarded write it.
+    pub forwarded: proxy::headers::Peer,
     /// `"https"` on a TLS listener, else `"http"` (X-Forwarded-Proto, Forwarded).
     pub proto: &'static str,
     /// Activity counters for this connection's timeouts.
@@ -488,6 +490,7 @@ impl Server {
         });
         let info = Arc::new(ConnInfo {
             peer,
+            forwarded: proxy::headers::Peer::new(peer.ip()),
             proto,
             activity: activity.clone(),
         });

@@ -109,37 +109,70 @@ fn extend(prior: Option<String>) -> String {
     }
 }
 
+/// A client address as the forwarding headers write it (IPv4-mapped IPv6 as IPv4), formatted
+/// once per connection rather than once per request.
+pub struct Peer {
+    text: Box<str>,
+    xff: HeaderValue,
+    node: Box<str>,
+}
+
+impl Peer {
+    /// The forms of `ip`.
+    pub fn new(ip: IpAddr) -> Peer {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        let text = ip.to_string();
+        let mut node = String::with_capacity(text.len() + 4);
+        push_forwarded_node(&mut node, ip);
+        Peer {
+            xff: HeaderValue::from_str(&text).expect("an IP address is a valid header value"),
+            text: text.into(),
+            node: node.into(),
+        }
+    }
+}
+
 /// Sets X-Forwarded-For/-Proto/-Host, Forwarded and Via on a request going upstream.
 /// From a trusted peer, its X-Forwarded-* and Forwarded values are kept and extended; from any
 /// other peer they are replaced, so a client cannot forge its own address.
 pub fn set_forwarding(
     h: &mut HeaderMap,
-    peer: IpAddr,
+    peer: &Peer,
     trusted: bool,
     host: &str,
     proto: &'static str,
     via: HeaderValue,
 ) {
-    let peer = match peer {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, IpAddr::V4),
-        v4 => v4,
-    };
-    let mut xff = extend(trusted.then(|| joined(h, &X_FORWARDED_FOR)).flatten());
-    let _ = write!(xff, "{peer}");
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        h.insert(&X_FORWARDED_FOR, v);
+    match trusted.then(|| joined(h, &X_FORWARDED_FOR)).flatten() {
+        None => {
+            h.insert(&X_FORWARDED_FOR, peer.xff.clone());
+        }
+        Some(mut xff) => {
+            xff.push_str(", ");
+            xff.push_str(&peer.text);
+            if let Ok(v) = HeaderValue::from_str(&xff) {
+                h.insert(&X_FORWARDED_FOR, v);
+            }
+        }
     }
     if !(trusted && h.contains_key(&X_FORWARDED_PROTO)) {
         h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
-    if !(trusted && h.contains_key(&X_FORWARDED_HOST))
-        && let Ok(v) = HeaderValue::from_str(host)
-    {
-        h.insert(&X_FORWARDED_HOST, v);
+    if !(trusted && h.contains_key(&X_FORWARDED_HOST)) {
+        let sent = h
+            .get(header::HOST)
+            .filter(|v| v.as_bytes() == host.as_bytes())
+            .cloned();
+        if let Some(v) = sent.or_else(|| HeaderValue::from_str(host).ok()) {
+            h.insert(&X_FORWARDED_HOST, v);
+        }
     }
     let mut fwd = extend(trusted.then(|| joined(h, &header::FORWARDED)).flatten());
     fwd.push_str("for=");
-    push_forwarded_node(&mut fwd, peer);
+    fwd.push_str(&peer.node);
     fwd.push_str(";host=");
     push_forwarded_value(&mut fwd, host);
     fwd.push_str(";proto=");
@@ -189,7 +222,7 @@ mod tests {
         h.insert("forwarded", HeaderValue::from_static("for=6.6.6.6"));
         set_forwarding(
             &mut h,
-            "192.0.2.1".parse().unwrap(),
+            &Peer::new("192.0.2.1".parse().unwrap()),
             false,
             "api.example.com",
             "http",
@@ -208,7 +241,14 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
         h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
-        set_forwarding(&mut h, "::1".parse().unwrap(), true, "h", "http", VIA_H1);
+        set_forwarding(
+            &mut h,
+            &Peer::new("::1".parse().unwrap()),
+            true,
+            "h",
+            "http",
+            VIA_H1,
+        );
         assert_eq!(h["x-forwarded-for"], "203.0.113.9, ::1");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["forwarded"], "for=\"[::1]\";host=h;proto=http");

@@ -227,7 +227,7 @@ async fn forward(
     }
     headers::set_forwarding(
         &mut parts.headers,
-        conn.peer.ip(),
+        &conn.forwarded,
         trusted,
         &host_value,
         conn.proto,

@@ -31,7 +31,7 @@ pub(super) fn spawn(
     let trusted = headers::is_trusted(conn.peer.ip(), &snap.config.server.trusted_proxies);
     headers::set_forwarding(
         &mut h,
-        conn.peer.ip(),
+        &conn.forwarded,
         trusted,
         &host,
         conn.proto,
