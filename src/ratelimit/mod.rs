@@ -15,7 +15,6 @@ use http::{HeaderMap, HeaderValue, Uri};
 use identity::KeyPart;
 use memory::MemoryStore;
 use std::borrow::Cow;
-use std::fmt::Write as _;
 use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -137,9 +136,15 @@ impl Policy {
     /// The `RateLimit` header value for a decision.
     pub fn ratelimit_header(&self, d: &Decision) -> HeaderValue {
         let t = d.reset_after.as_secs() + u64::from(d.reset_after.subsec_nanos() > 0);
-        let mut v = String::with_capacity(self.quoted_name.len() + 24);
-        v.push_str(&self.quoted_name);
-        let _ = write!(v, ";r={};t={t}", d.remaining);
+        let (mut r_buf, mut t_buf) = (itoa::Buffer::new(), itoa::Buffer::new());
+        let (r, t) = (r_buf.format(d.remaining), t_buf.format(t));
+        // Exactly sized, so that the bytes become the header value without another copy.
+        let mut v = Vec::with_capacity(self.quoted_name.len() + 6 + r.len() + t.len());
+        v.extend_from_slice(self.quoted_name.as_bytes());
+        v.extend_from_slice(b";r=");
+        v.extend_from_slice(r.as_bytes());
+        v.extend_from_slice(b";t=");
+        v.extend_from_slice(t.as_bytes());
         HeaderValue::from_maybe_shared(bytes::Bytes::from(v))
             .unwrap_or(HeaderValue::from_static("\"limit\""))
     }
