@@ -4,6 +4,7 @@ use crate::config::{self, Config, LogFormat};
 use crate::explain::{self, Target};
 use crate::reload::{Reloader, Trigger};
 use crate::state::Shared;
+use crate::workers::Workers;
 use crate::{admin, demo, server::Server};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use http::{HeaderName, HeaderValue, Method};
@@ -339,40 +340,46 @@ enum Start {
 /// Runs the proxy with a validated config until SIGTERM or SIGINT.
 fn serve(config: Config, start: Start) -> ExitCode {
     let _log_guard = init_logging(&config);
-    let mut builder = if config.server.workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(config.server.workers);
-        b
-    };
-    let runtime = match builder.enable_all().build() {
+    // The main runtime serves the admin listener, signals and reloads; with one worker it
+    // also serves the clients (see `workers`).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let code = runtime.block_on(async move {
+    let (code, workers) = runtime.block_on(async move {
         if matches!(start, Start::Demo)
             && let Err(e) = demo::start(&config)
         {
             tracing::error!(error = %e, "demo replicas failed to start");
-            return ExitCode::FAILURE;
+            return (ExitCode::FAILURE, None);
         }
+        // Before the first snapshot: upstream pools keep an idle stack per worker.
+        let workers = match Workers::start(config.server.workers) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the worker threads");
+                return (ExitCode::FAILURE, None);
+            }
+        };
         let admin_addr = config.admin.listen;
         let shared = Shared::new(config);
         let admin_listener = match crate::server::bind(admin_addr) {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(addr = %admin_addr, error = %e, "cannot bind the admin listener");
-                return ExitCode::FAILURE;
+                return (ExitCode::FAILURE, None);
             }
         };
         if let Ok(local) = admin_listener.local_addr() {
             tracing::info!(listener = "admin", addr = %local, "listening");
         }
-        let server = Server::new(shared.clone());
+        let server = Server::new(shared.clone(), workers.handles());
         let (loaded_text, watch) = match start {
             Start::File(text) => (Some(text), true),
             Start::Demo => (None, false),
@@ -397,12 +404,16 @@ fn serve(config: Config, start: Start) -> ExitCode {
         });
         if let Err(e) = server.sync_listeners() {
             tracing::error!(error = %e, "cannot bind a public listener");
-            return ExitCode::FAILURE;
+            return (ExitCode::FAILURE, None);
         }
         shared.ready.store(true, Ordering::Release);
         tracing::info!(version = env!("CARGO_PKG_VERSION"), "palisade started");
-        wait_for_signals(&shared, &server, &reloader).await
+        let code = wait_for_signals(&shared, &server, &reloader).await;
+        (code, Some(workers))
     });
+    if let Some(w) = workers {
+        w.shutdown();
+    }
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     code
 }

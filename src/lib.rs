@@ -40,3 +40,4 @@ pub mod server;
 pub mod state;
 pub mod tls;
 pub mod upstream;
+pub mod workers;

@@ -6,9 +6,10 @@
 //! it runs; each handshake uses the certificates of the snapshot current when it starts, so a
 //! reload's new certificates apply to the next connection.
 //!
-//! Past `max_connections`, Palisade stops accepting (as HAProxy's `maxconn` does): each
-//! listener holds the one connection it accepted last, unserved, until a slot frees; the others
-//! wait in the kernel's listen backlog. None is reset. Timeouts are watched per connection by one timer that sleeps until the next
+//! Every worker ([`crate::workers`]) runs an accept loop on every listener and serves what it
+//! accepts. Past `max_connections`, Palisade stops accepting (as HAProxy's `maxconn` does):
+//! each worker's loop on each listener holds the one connection it accepted last, unserved,
+//! until a slot frees; the others wait in the kernel's listen backlog. None is reset. Timeouts are watched per connection by one timer that sleeps until the next
 //! deadline: `header_read_timeout` from the first byte of a request head while no request is
 //! in progress, and `idle_timeout` while no bytes move and no handler is waiting on an upstream
 //! (which covers both keep-alive idling and clients that stop reading a response).
@@ -325,10 +326,16 @@ pub struct Server {
     max_connections: usize,
     shutdown: watch::Sender<bool>,
     listeners: Mutex<HashMap<(Transport, SocketAddr), ListenerHandle>>,
+    workers: Vec<tokio::runtime::Handle>,
 }
 
 /// Binds a TCP listener with address reuse and a deep backlog.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::from_std(bind_std(addr)?)
+}
+
+/// [`bind`], before registering with a runtime (each worker registers its own clone).
+fn bind_std(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -341,12 +348,13 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 impl Server {
-    /// A server for the current snapshot's settings; nothing is bound yet.
-    pub fn new(shared: Arc<Shared>) -> Arc<Server> {
+    /// A server for the current snapshot's settings whose listeners are served by `workers`
+    /// (one accept loop per listener on each); nothing is bound yet.
+    pub fn new(shared: Arc<Shared>, workers: &[tokio::runtime::Handle]) -> Arc<Server> {
         let max = shared.snapshot.load().config.server.max_connections;
         Arc::new(Server {
             shared,
@@ -354,6 +362,7 @@ impl Server {
             max_connections: max,
             shutdown: watch::channel(false).0,
             listeners: Mutex::new(HashMap::new()),
+            workers: workers.to_vec(),
         })
     }
 
@@ -380,14 +389,29 @@ impl Server {
             if listeners.contains_key(&(transport, addr)) {
                 continue;
             }
-            let listener = bind(addr)
+            let listener = bind_std(addr)
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
             let local = listener.local_addr()?;
+            let clones = self
+                .workers
+                .iter()
+                .map(|_| listener.try_clone())
+                .collect::<io::Result<Vec<_>>>()?;
             tracing::info!(listener = transport.as_str(), addr = %local, "listening");
             bound.push(local);
             let (stop, stop_rx) = watch::channel(false);
             listeners.insert((transport, addr), ListenerHandle { stop });
-            tokio::spawn(self.clone().accept_loop(listener, transport, stop_rx));
+            for (worker, listener) in self.workers.iter().zip(clones) {
+                let (this, stop_rx) = (self.clone(), stop_rx.clone());
+                worker.spawn(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(l) => this.accept_loop(l, transport, stop_rx).await,
+                        Err(e) => {
+                            tracing::error!(addr = %local, error = %e, "a worker cannot accept")
+                        }
+                    }
+                });
+            }
         }
         listeners.retain(|key, h| {
             let keep = wanted.contains(key);

@@ -326,3 +326,43 @@ async fn sigterm_with_a_stuck_request_exits_after_drain_timeout() {
     })
     .await;
 }
+
+/// `workers = 3` starts three worker threads, each accepting on the listener; many
+/// connections at once are all served, and SIGTERM stops the workers and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_are_threads_that_each_accept() {
+    bounded(60, async {
+        let up = Upstream::start("u");
+        let mut p = Palisade::start(&simple_config("workers = 3", "", &[up.url()])).await;
+        let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", p.pid()))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|c| c.trim().to_owned())
+            .collect();
+        assert_eq!(
+            threads
+                .iter()
+                .filter(|c| c.starts_with("palisade-worke"))
+                .count(),
+            3,
+            "{threads:?}"
+        );
+        let c = http1();
+        let mut tasks = Vec::new();
+        for i in 0..24 {
+            let (c, url) = (c.clone(), p.url(&format!("/w/{i}")));
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..5 {
+                    assert_eq!(get(&c, &url, &[]).await.status, 200);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(up.hits(), 120);
+        p.signal(libc::SIGTERM);
+        assert_eq!(p.wait_exit(Duration::from_secs(10)).await.code(), Some(0));
+    })
+    .await;
+}

@@ -1,7 +1,8 @@
 //! Keep-alive HTTP/1 connections to one replica, over TCP or TLS (ALPN http/1.1 only).
 //!
-//! Idle connections wait on a stack (most recently used first, so a few warm connections do
-//! the work). A request takes one, or opens a new one within the upstream's `connect_timeout`; its response
+//! Idle connections wait on a stack per worker (most recently used first, so a few warm
+//! connections do the work); a worker takes the connections its own runtime drives, so a
+//! request never waits on another thread's. A request takes one, or opens a new one within the upstream's `connect_timeout`; its response
 //! body hands the connection back when it ends whole ([`PooledConn::release`]). A connection
 //! whose response was cut short is dropped, and with it the socket. Nothing runs per request
 //! but the request itself: no pool task, no boxed futures, no hashing.
@@ -36,7 +37,7 @@ pub struct Pool {
     tls: Option<TlsConnect>,
     idle_timeout: Duration,
     max_idle: usize,
-    idle: Mutex<Vec<Idle>>,
+    idle: Box<[Mutex<Vec<Idle>>]>,
 }
 
 /// A connection lent to one request; give it back with [`PooledConn::release`].
@@ -51,7 +52,7 @@ impl PooledConn {
         if self.sender.is_closed() {
             return;
         }
-        let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.pool.stack().lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < self.pool.max_idle {
             idle.push(Idle {
                 sender: self.sender,
@@ -69,12 +70,19 @@ impl Pool {
             tls,
             idle_timeout: Duration::from_secs(60),
             max_idle: 1024,
-            idle: Mutex::new(Vec::new()),
+            idle: (0..crate::workers::count())
+                .map(|_| Mutex::new(Vec::new()))
+                .collect(),
         })
     }
 
+    /// The idle stack of the worker this thread is.
+    fn stack(&self) -> &Mutex<Vec<Idle>> {
+        &self.idle[crate::workers::current() % self.idle.len()]
+    }
+
     fn checkout(&self) -> Option<http1::SendRequest<RequestBody>> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.stack().lock().unwrap_or_else(|p| p.into_inner());
         while let Some(c) = idle.pop() {
             if !c.sender.is_closed() && c.since.elapsed() < self.idle_timeout {
                 return Some(c.sender);
