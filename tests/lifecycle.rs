@@ -75,16 +75,7 @@ async fn sighup_applies_a_changed_route_and_rejects_a_bad_file() {
         assert_eq!(replica_of(&p, "/new/2").await, "b");
 
         let m = p.metrics().await;
-        assert_eq!(
-            metric_value(&m, "palisade_config_reloads_total", &[("result", "ok")]),
-            Some(1.0),
-            "{m}"
-        );
-        assert_eq!(
-            metric_value(&m, "palisade_config_reloads_total", &[("result", "error")]),
-            Some(2.0),
-            "{m}"
-        );
+        assert_eq!(reload_totals(&m), (Some(1.0), Some(2.0)), "{m}");
         assert!(p.running());
     })
     .await;

@@ -115,16 +115,7 @@ async fn admin_reload_applies_a_good_file_and_answers_every_error_of_a_bad_one()
             .await;
         assert_eq!(r.status, 405);
         let m = p.metrics_with(TOKEN).await;
-        assert_eq!(
-            metric_value(&m, "palisade_config_reloads_total", &[("result", "ok")]),
-            Some(1.0),
-            "{m}"
-        );
-        assert_eq!(
-            metric_value(&m, "palisade_config_reloads_total", &[("result", "error")]),
-            Some(1.0),
-            "{m}"
-        );
+        assert_eq!(reload_totals(&m), (Some(1.0), Some(1.0)), "{m}");
     })
     .await;
 }

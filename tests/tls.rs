@@ -483,8 +483,7 @@ async fn https_replicas_with_a_ca_file_a_server_name_or_an_ip_name() {
     bounded(60, async {
         let ca = Ca::new("replica CA");
         let dir = tempfile::tempdir().unwrap();
-        let ca_path = dir.path().join("ca.pem");
-        std::fs::write(&ca_path, ca.pem()).unwrap();
+        let ca_path = ca.write_pem(dir.path());
         let named =
             Upstream::start_tls("named", replica_config(&ca.issue(&["replica.test"]), None));
         let by_ip = Upstream::start_tls("by-ip", replica_config(&ca.issue(&["127.0.0.1"]), None));
@@ -526,8 +525,7 @@ async fn mtls_replica_needs_the_client_certificate() {
         let ca = Ca::new("replica CA");
         let client_ca = Ca::new("client CA");
         let dir = tempfile::tempdir().unwrap();
-        let ca_path = dir.path().join("ca.pem");
-        std::fs::write(&ca_path, ca.pem()).unwrap();
+        let ca_path = ca.write_pem(dir.path());
         let (cc, ck) = write_pair(dir.path(), "client", &client_ca.issue(&["palisade.test"]));
         let (sc, sk) = write_pair(dir.path(), "stranger", &ca.issue(&["stranger.test"]));
         let replica = Upstream::start_tls(
@@ -590,12 +588,8 @@ async fn bad_replica_certificates_are_502s_that_say_why() {
         let ca = Ca::new("replica CA");
         let stranger_ca = Ca::new("someone else's CA");
         let dir = tempfile::tempdir().unwrap();
-        let ca_path = dir.path().join("ca.pem");
-        std::fs::write(&ca_path, ca.pem()).unwrap();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64;
+        let ca_path = ca.write_pem(dir.path());
+        let now = time_now();
         let wrong_name =
             Upstream::start_tls("wrong-name", replica_config(&ca.issue(&["other.test"]), None));
         let expired = Upstream::start_tls(

@@ -139,8 +139,7 @@ fn put_bytes(b: &mut BytesMut, v: &[u8]) {
 /// Encodes a URL's variants: magic, version, then each entry's status, times, selecting
 /// header values, headers and body, each length-prefixed.
 pub fn encode(v: &Variants) -> Bytes {
-    let size: usize = v.entries.iter().map(|e| e.weight()).sum::<usize>() + 64;
-    let mut b = BytesMut::with_capacity(size);
+    let mut b = BytesMut::with_capacity(encoded_len(v));
     b.put_slice(MAGIC);
     b.put_u8(VERSION);
     b.put_u32(v.key.path_start() as u32);
@@ -171,7 +170,26 @@ pub fn encode(v: &Variants) -> Bytes {
     }
     let sum = checksum(&b);
     b.put_u64(sum);
+    debug_assert_eq!(b.len(), encoded_len(v));
     b.freeze()
+}
+
+/// The exact length of [`encode`]'s output.
+fn encoded_len(v: &Variants) -> usize {
+    let entry = |e: &CachedResponse| {
+        let vary: usize = e
+            .vary
+            .iter()
+            .map(|(n, v)| 4 + n.as_str().len() + 1 + v.as_ref().map_or(0, |v| 4 + v.len()))
+            .sum();
+        let headers: usize = e
+            .headers
+            .iter()
+            .map(|(n, v)| 8 + n.as_str().len() + v.len())
+            .sum();
+        2 + 4 * 8 + 2 + vary + 2 + headers + 4 + e.body.len()
+    };
+    MAGIC.len() + 1 + 4 + 1 + v.entries.iter().map(|e| entry(e)).sum::<usize>() + 8
 }
 
 /// A fast 64-bit checksum of the encoding (stable across builds), so that a flipped byte

@@ -51,7 +51,7 @@ pub async fn handle(
         route,
         replica,
         cache,
-    } = match forward(shared, &snap, conn, req, &request_id).await {
+    } = match forward(shared, &snap, conn, req, &request_id, &via).await {
         Ok(answer) => answer,
         Err((e, route)) => {
             if e.status().is_server_error() {
@@ -113,6 +113,7 @@ async fn forward(
     conn: &ConnInfo,
     req: Request<Incoming>,
     request_id: &HeaderValue,
+    via: &HeaderValue,
 ) -> Result<Answer, (ProxyError, Option<usize>)> {
     let server = &snap.config.server;
 
@@ -211,11 +212,6 @@ async fn forward(
     let client_ip = identity::client_ip(conn.peer.ip(), req.headers(), &server.trusted_proxies);
     let affinity = upstream.affinity(client_ip, req.headers());
     let trusted = headers::is_trusted(conn.peer.ip(), &server.trusted_proxies);
-    let via = if req.version() == Version::HTTP_2 {
-        headers::VIA_H2
-    } else {
-        headers::VIA_H1
-    };
     let host_value = request_host(&req).into_owned();
     let (mut parts, body) = req.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
@@ -231,7 +227,7 @@ async fn forward(
         trusted,
         &host_value,
         conn.proto,
-        via,
+        via.clone(),
     );
     parts
         .headers

@@ -372,6 +372,12 @@ impl Drop for Palisade {
     }
 }
 
+/// `palisade_config_reloads_total` in a scrape: (result="ok", result="error").
+pub fn reload_totals(text: &str) -> (Option<f64>, Option<f64>) {
+    let total = |result| metric_value(text, "palisade_config_reloads_total", &[("result", result)]);
+    (total("ok"), total("error"))
+}
+
 /// The value of one sample in a Prometheus text page: the line starting with `name{` whose
 /// labels include every `k="v"` of `labels`.
 pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {

@@ -57,6 +57,13 @@ impl Ca {
         self.issuer.pem()
     }
 
+    /// Writes the CA certificate as `dir/ca.pem` (for a `ca =` key); returns its path.
+    pub fn write_pem(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, self.pem()).unwrap();
+        path
+    }
+
     /// A certificate for `names` (DNS names, wildcards or IP addresses), valid from yesterday
     /// for a year.
     pub fn issue(&self, names: &[&str]) -> Leaf {
@@ -91,7 +98,8 @@ impl Ca {
     }
 }
 
-fn time_now() -> i64 {
+/// Unix time now, in seconds (for certificate validity windows).
+pub fn time_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
