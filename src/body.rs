@@ -8,6 +8,7 @@
 use crate::cache::Capture;
 use crate::server::ConnActivity;
 use crate::upstream::InFlight;
+use crate::upstream::h1::{H1Error, UpstreamBody};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -31,9 +32,12 @@ pub enum BodyError {
     /// The upstream sent nothing for its `timeout`.
     #[error("upstream sent no body data for {0:?}")]
     UpstreamStalled(Duration),
-    /// The peer's connection failed.
+    /// The client's connection failed.
     #[error(transparent)]
     Transport(#[from] hyper::Error),
+    /// The upstream's connection failed or broke the protocol.
+    #[error(transparent)]
+    Upstream(#[from] H1Error),
 }
 
 /// A client's request body: streamed, failing once more than `limit` bytes have arrived; or
@@ -72,6 +76,14 @@ impl RequestBody {
             seen: 0,
             limit: 0,
         }
+    }
+
+    /// The whole body, if it is held in memory; the body is empty afterwards.
+    pub fn take_kept(&mut self) -> Option<Bytes> {
+        if self.inner.is_some() {
+            return None;
+        }
+        Some(self.pending.take().unwrap_or_default())
     }
 
     /// The same body again, if it is held in memory.
@@ -195,7 +207,7 @@ impl AccessRecord {
 }
 
 enum Source {
-    Upstream(Incoming),
+    Upstream(UpstreamBody),
     Full(Option<Bytes>),
 }
 
@@ -239,7 +251,7 @@ impl ResponseBody {
 
     /// An upstream's body, failing if it stalls for `stall_timeout`; holds the replica's
     /// in-flight count until it ends.
-    pub fn upstream(inner: Incoming, stall_timeout: Duration, in_flight: InFlight) -> Self {
+    pub fn upstream(inner: UpstreamBody, stall_timeout: Duration, in_flight: InFlight) -> Self {
         let mut b = Self::with(Source::Upstream(inner));
         b.stall_timeout = stall_timeout;
         b.in_flight = Some(in_flight);
@@ -268,12 +280,9 @@ impl ResponseBody {
         self.log = Some(record);
     }
 
-    /// Settles the counters; the upstream connection goes back to its pool only if the body
-    /// ended whole.
-    fn finish(&mut self, whole: bool) {
-        if whole && let Some(f) = self.in_flight.as_mut() {
-            f.release_connection();
-        }
+    /// Settles the counters (the upstream connection went back to its pool when the upstream
+    /// body ended whole).
+    fn finish(&mut self) {
         if !self.done {
             self.done = true;
             self.in_flight = None;
@@ -290,7 +299,7 @@ impl Drop for ResponseBody {
         if complete {
             self.end_capture();
         }
-        self.finish(complete);
+        self.finish();
         if let Some(log) = self.log.take() {
             log.write(self.bytes, complete);
         }
@@ -345,7 +354,7 @@ impl Body for ResponseBody {
             }
             Poll::Ready(None) => {
                 this.end_capture();
-                this.finish(true);
+                this.finish();
             }
             Poll::Ready(Some(Err(_))) => {
                 // The stream is broken: the log line says incomplete, and nothing is cached.

@@ -131,10 +131,9 @@ async fn check(u: &Upstream, r: &Replica, spec: &HealthSpec) -> bool {
         .body(crate::body::RequestBody::empty())
         .expect("valid request");
     let exchange = async {
-        let (resp, conn) = r.pool.send(req, u.spec.connect_timeout).await.ok()?;
+        let resp = r.pool.send(req, u.spec.connect_timeout).await.ok()?;
         let status = resp.status().as_u16();
         resp.into_body().collect().await.ok()?;
-        conn.release();
         Some(status)
     };
     match tokio::time::timeout(spec.timeout, exchange).await {

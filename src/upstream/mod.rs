@@ -6,6 +6,7 @@
 
 mod balancer;
 pub mod breaker;
+pub mod h1;
 pub mod health;
 mod pool;
 pub mod retry;
@@ -18,9 +19,9 @@ pub use retry::{RetryBudget, RetrySpec};
 use crate::body::{BodyError, RequestBody};
 use crate::config::{Balance, HashOn, UpstreamSpec};
 use crate::metrics::Metrics;
+use h1::UpstreamBody;
 use http::uri::Authority;
-use hyper::body::Incoming;
-use pool::{Pool, PoolError, PooledConn};
+use pool::{Pool, PoolError};
 use prometheus::{Histogram, IntCounter, IntGauge};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -351,7 +352,6 @@ pub struct InFlight {
     replica: Arc<Replica>,
     index: usize,
     permit: Option<Permit>,
-    conn: Option<PooledConn>,
 }
 
 impl InFlight {
@@ -361,14 +361,6 @@ impl InFlight {
             replica,
             index,
             permit: Some(permit),
-            conn: None,
-        }
-    }
-
-    /// The response ended whole: its connection can serve the next request.
-    pub fn release_connection(&mut self) {
-        if let Some(c) = self.conn.take() {
-            c.release();
         }
     }
 
@@ -592,7 +584,7 @@ impl Upstream {
         &self,
         req: http::Request<RequestBody>,
         affinity: Option<u64>,
-    ) -> Result<(http::Response<Incoming>, InFlight), UpstreamError> {
+    ) -> Result<(http::Response<UpstreamBody>, InFlight), UpstreamError> {
         self.budget.record_request(Instant::now());
         let (parts, body) = req.into_parts();
         let kept = body.replay();
@@ -663,7 +655,7 @@ impl Upstream {
         &self,
         in_flight: &mut InFlight,
         mut req: http::Request<RequestBody>,
-    ) -> Result<http::Response<Incoming>, UpstreamError> {
+    ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
         let replica = in_flight.replica.clone();
         let replica = &*replica;
         if req.uri().scheme().is_some() || req.uri().path_and_query().is_none() {
@@ -677,10 +669,9 @@ impl Upstream {
         let started = Instant::now();
         let exchange = replica.pool.send(req, self.spec.connect_timeout);
         let result = match tokio::time::timeout(self.spec.timeout, exchange).await {
-            Ok(Ok((resp, conn))) => {
+            Ok(Ok(resp)) => {
                 replica.ok.inc();
                 replica.duration.observe(started.elapsed().as_secs_f64());
-                in_flight.conn = Some(conn);
                 Ok(resp)
             }
             Ok(Err(e)) => Err(Self::classify(replica, e)),
@@ -713,12 +704,10 @@ impl Upstream {
     }
 
     fn classify(replica: &Replica, e: PoolError) -> UpstreamError {
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-        while let Some(s) = source {
-            if let Some(BodyError::TooLarge { limit }) = s.downcast_ref::<BodyError>() {
-                return UpstreamError::BodyTooLarge { limit: *limit };
-            }
-            source = s.source();
+        if let PoolError::Http(h1::H1Error::RequestBody(b)) = &e
+            && let BodyError::TooLarge { limit } = **b
+        {
+            return UpstreamError::BodyTooLarge { limit };
         }
         match e {
             PoolError::Connect(reason) => {

@@ -581,3 +581,115 @@ impl Body for GenBody {
 }
 
 use std::future::Future;
+
+/// What a [`ScriptedUpstream`] does with one request.
+pub enum Script {
+    /// Write these bytes and keep the connection for the next request.
+    Answer(Vec<u8>),
+    /// Write these bytes, then close the connection.
+    AnswerAndClose(Vec<u8>),
+    /// Close the connection without answering.
+    Close,
+}
+
+/// A replica that answers with raw bytes the test chooses, for framings and faults a hyper
+/// server never produces (read-until-close bodies, HTTP/1.0, 1xx heads, malformed heads).
+/// `script(connection, request)` (both counted from 0) picks the answer; the request head is
+/// read up to its blank line, and a Content-Length body after it.
+pub struct ScriptedUpstream {
+    addr: SocketAddr,
+    connections: Arc<AtomicU64>,
+    requests: Arc<AtomicU64>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for ScriptedUpstream {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl ScriptedUpstream {
+    /// Starts the replica on 127.0.0.1:0.
+    pub fn start(script: impl Fn(u64, u64) -> Script + Send + Sync + 'static) -> ScriptedUpstream {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let rt = runtime();
+        let listener = bind(&rt);
+        let addr = listener.local_addr().expect("addr");
+        let connections = Arc::new(AtomicU64::new(0));
+        let requests = Arc::new(AtomicU64::new(0));
+        let script = Arc::new(script);
+        let (c, r) = (connections.clone(), requests.clone());
+        rt.spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let conn = c.fetch_add(1, Ordering::SeqCst);
+                let (script, r) = (script.clone(), r.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    for req in 0.. {
+                        let end = loop {
+                            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break p + 4;
+                            }
+                            let mut tmp = [0u8; 4096];
+                            match s.read(&mut tmp).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                            }
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let body: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        while buf.len() < end + body {
+                            let mut tmp = [0u8; 4096];
+                            match s.read(&mut tmp).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                            }
+                        }
+                        buf.drain(..end + body);
+                        r.fetch_add(1, Ordering::SeqCst);
+                        match script(conn, req) {
+                            Script::Answer(b) => {
+                                if s.write_all(&b).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Script::AnswerAndClose(b) => {
+                                let _ = s.write_all(&b).await;
+                                return;
+                            }
+                            Script::Close => return,
+                        }
+                    }
+                });
+            }
+        });
+        ScriptedUpstream {
+            addr,
+            connections,
+            requests,
+            runtime: Some(rt),
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Request heads read so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
