@@ -28,6 +28,10 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Removes hop-by-hop headers: Connection and the headers it names, Keep-Alive, TE, Trailer,
 /// Transfer-Encoding, Upgrade and every Proxy-* header.
 pub fn remove_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names (no hashing) settles that.
+    if !h.keys().any(is_hop_by_hop) {
+        return;
+    }
     if h.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = h
             .get_all(header::CONNECTION)
@@ -62,6 +66,17 @@ pub fn remove_hop_by_hop(h: &mut HeaderMap) {
             h.remove(n);
         }
     }
+}
+
+/// Whether `name` is hop-by-hop by itself (not counting the names a Connection header lists).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == KEEP_ALIVE
+        || name.as_str().starts_with("proxy-")
 }
 
 /// Whether `ip` is one of the trusted proxies.
@@ -115,6 +130,9 @@ pub struct Peer {
     text: Box<str>,
     xff: HeaderValue,
     node: Box<str>,
+    /// The last `Forwarded` value made from this peer's address alone, with the host and
+    /// protocol it names: a keep-alive client sends the same Host request after request.
+    last: std::sync::Mutex<Option<(Box<str>, &'static str, HeaderValue)>>,
 }
 
 impl Peer {
@@ -131,6 +149,7 @@ impl Peer {
             xff: HeaderValue::from_str(&text).expect("an IP address is a valid header value"),
             text: text.into(),
             node: node.into(),
+            last: std::sync::Mutex::new(None),
         }
     }
 }
@@ -170,15 +189,33 @@ pub fn set_forwarding(
             h.insert(&X_FORWARDED_HOST, v);
         }
     }
-    let mut fwd = extend(trusted.then(|| joined(h, &header::FORWARDED)).flatten());
-    fwd.push_str("for=");
-    fwd.push_str(&peer.node);
-    fwd.push_str(";host=");
-    push_forwarded_value(&mut fwd, host);
-    fwd.push_str(";proto=");
-    fwd.push_str(proto);
-    if let Ok(v) = HeaderValue::from_str(&fwd) {
-        h.insert(header::FORWARDED, v);
+    let prior = trusted.then(|| joined(h, &header::FORWARDED)).flatten();
+    let alone = prior.is_none();
+    if alone
+        && let Some((_, _, v)) = peer
+            .last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .filter(|(h, p, _)| **h == *host && *p == proto)
+    {
+        h.insert(header::FORWARDED, v.clone());
+    } else {
+        let mut fwd = extend(prior);
+        fwd.push_str("for=");
+        fwd.push_str(&peer.node);
+        fwd.push_str(";host=");
+        push_forwarded_value(&mut fwd, host);
+        fwd.push_str(";proto=");
+        fwd.push_str(proto);
+        // The value takes the string's buffer as it is: no second allocation, no copy.
+        if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(fwd.into_bytes())) {
+            if alone {
+                *peer.last.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((host.into(), proto, v.clone()));
+            }
+            h.insert(header::FORWARDED, v);
+        }
     }
     h.append(header::VIA, via);
 }
@@ -252,6 +289,42 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "203.0.113.9, ::1");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["forwarded"], "for=\"[::1]\";host=h;proto=http");
+    }
+
+    #[test]
+    fn one_connection_names_each_request_s_own_host_and_prior_values() {
+        let peer = Peer::new("192.0.2.1".parse().unwrap());
+        let forwarded =
+            |host: &str, proto: &'static str, trusted: bool, prior: Option<&'static str>| {
+                let mut h = HeaderMap::new();
+                if let Some(p) = prior {
+                    h.insert("forwarded", HeaderValue::from_static(p));
+                }
+                set_forwarding(&mut h, &peer, trusted, host, proto, VIA_H1);
+                h["forwarded"].to_str().unwrap().to_owned()
+            };
+        for _ in 0..2 {
+            assert_eq!(
+                forwarded("a", "http", false, None),
+                "for=192.0.2.1;host=a;proto=http"
+            );
+            assert_eq!(
+                forwarded("b:8080", "http", false, None),
+                "for=192.0.2.1;host=\"b:8080\";proto=http"
+            );
+            assert_eq!(
+                forwarded("b:8080", "https", false, None),
+                "for=192.0.2.1;host=\"b:8080\";proto=https"
+            );
+            assert_eq!(
+                forwarded("a", "http", true, Some("for=203.0.113.9")),
+                "for=203.0.113.9, for=192.0.2.1;host=a;proto=http"
+            );
+            assert_eq!(
+                forwarded("a", "http", false, Some("for=6.6.6.6")),
+                "for=192.0.2.1;host=a;proto=http"
+            );
+        }
     }
 
     #[test]

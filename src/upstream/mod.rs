@@ -668,10 +668,13 @@ impl Upstream {
         }
         let started = Instant::now();
         let exchange = replica.pool.send(req, self.spec.connect_timeout);
-        let result = match tokio::time::timeout(self.spec.timeout, exchange).await {
+        let exchanged = tokio::time::timeout(self.spec.timeout, exchange).await;
+        let now = Instant::now();
+        let took = now.saturating_duration_since(started);
+        let result = match exchanged {
             Ok(Ok(resp)) => {
                 replica.ok.inc();
-                replica.duration.observe(started.elapsed().as_secs_f64());
+                replica.duration.observe(took.as_secs_f64());
                 Ok(resp)
             }
             Ok(Err(e)) => Err(Self::classify(replica, e)),
@@ -687,9 +690,8 @@ impl Upstream {
             Ok(resp) => Some(Outcome::Status(resp.status().as_u16())),
             Err(e) => e.outcome(),
         };
-        let now = Instant::now();
         if let Some(o) = outcome {
-            replica.observe_latency(started.elapsed(), now);
+            replica.observe_latency(took, now);
             if let (Some(spec), Some(permit)) =
                 (&self.spec.circuit_breaker, in_flight.permit.take())
                 && let Some(to) =
