@@ -198,7 +198,7 @@ impl Connection {
     /// response head. The returned body owns the connection and gives it back to `pool` when
     /// it ends whole and the connection may be kept.
     pub async fn send(
-        mut self,
+        mut self: Box<Self>,
         req: Request<RequestBody>,
         pool: &Arc<Pool>,
         reused: bool,
@@ -260,7 +260,7 @@ impl Connection {
     }
 
     fn into_response(
-        self,
+        self: Box<Self>,
         resp: Response<()>,
         framing: Framing,
         keep_alive: bool,
@@ -592,7 +592,8 @@ enum State {
 
 /// A response body read from the upstream connection as the client side asks for it.
 pub struct UpstreamBody {
-    conn: Option<Connection>,
+    /// Boxed, so that the response (moved several times on its way out) stays small.
+    conn: Option<Box<Connection>>,
     state: State,
     keep_alive: bool,
     pool: Arc<Pool>,

@@ -26,7 +26,7 @@ pub enum PoolError {
 }
 
 struct Idle {
-    conn: Connection,
+    conn: Box<Connection>,
     since: Instant,
 }
 
@@ -59,7 +59,7 @@ impl Pool {
     }
 
     /// Takes back a connection whose response ended whole.
-    pub(super) fn put(&self, conn: Connection) {
+    pub(super) fn put(&self, conn: Box<Connection>) {
         let mut idle = self.stack().lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < self.max_idle {
             idle.push(Idle {
@@ -69,7 +69,7 @@ impl Pool {
         }
     }
 
-    fn checkout(&self) -> Option<Connection> {
+    fn checkout(&self) -> Option<Box<Connection>> {
         let mut idle = self.stack().lock().unwrap_or_else(|p| p.into_inner());
         while let Some(mut c) = idle.pop() {
             if c.since.elapsed() < self.idle_timeout && c.conn.is_usable() {
@@ -79,7 +79,7 @@ impl Pool {
         None
     }
 
-    async fn connect(&self, timeout: Duration) -> Result<Connection, PoolError> {
+    async fn connect(&self, timeout: Duration) -> Result<Box<Connection>, PoolError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let elapsed = || {
             PoolError::Connect(format!(
@@ -101,7 +101,7 @@ impl Pool {
                     .map_err(PoolError::Connect)?,
             )),
         };
-        Ok(Connection::new(stream))
+        Ok(Box::new(Connection::new(stream)))
     }
 
     /// Sends a request on an idle connection or a new one. An idempotent request with a kept
