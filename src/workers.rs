@@ -16,14 +16,15 @@ use tokio::runtime::{Builder, Handle};
 use tokio::sync::watch;
 
 thread_local! {
-    static INDEX: Cell<usize> = const { Cell::new(0) };
+    static INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
 }
 
 static COUNT: OnceLock<usize> = OnceLock::new();
 
-/// The index of the worker this thread is (0 on any other thread).
-pub fn current() -> usize {
-    INDEX.with(Cell::get)
+/// The index of the worker this thread is; `None` on any other thread (the main runtime when
+/// it is not the worker, blocking threads).
+pub fn current() -> Option<usize> {
+    Some(INDEX.with(Cell::get)).filter(|&i| i != usize::MAX)
 }
 
 /// How many workers this process runs (1 until [`Workers::start`]).
@@ -45,6 +46,7 @@ impl Workers {
         let _ = COUNT.set(n);
         let (stop, _) = watch::channel(false);
         if n <= 1 {
+            INDEX.with(|i| i.set(0));
             return Ok(Workers {
                 handles: vec![Handle::current()],
                 stop,

@@ -173,6 +173,7 @@ async fn a_replica_closing_a_kept_connection_costs_no_idempotent_request() {
         assert!(up.connections() >= 4, "{}", up.connections());
 
         // A POST is not sent twice: the client gets the 502.
+        let before = up.requests();
         let r = send(
             &client,
             Request::post(p.url("/once")).body(full("x")).unwrap(),
@@ -180,6 +181,11 @@ async fn a_replica_closing_a_kept_connection_costs_no_idempotent_request() {
         .await;
         assert_eq!(r.status, 502, "{}", r.text());
         assert_eq!(r.json()["error"]["code"], 502);
+        assert_eq!(
+            up.requests() - before,
+            1,
+            "the POST reached the replica once"
+        );
         let r = get(&client, &p.url("/after"), &[]).await;
         assert_eq!(r.status, 200);
     })
@@ -197,10 +203,15 @@ async fn broken_response_heads_are_502_and_the_next_request_is_served() {
             b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n",
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nX-Cut: the connection closes within the head",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
         ];
+        let mut broken: Vec<Vec<u8>> = broken.into_iter().map(<[u8]>::to_vec).collect();
+        let mut hints = b"HTTP/1.1 100 Continue\r\n\r\n".repeat(17);
+        hints.extend_from_slice(OK);
+        broken.push(hints);
         let n = broken.len() as u64;
         let up = ScriptedUpstream::start(move |conn, _| match conn {
-            c if c < n => Script::AnswerAndClose(broken[c as usize].to_vec()),
+            c if c < n => Script::AnswerAndClose(broken[c as usize].clone()),
             _ => answer(OK),
         });
         let p = proxy_for(&up).await;
@@ -351,6 +362,35 @@ async fn a_chunked_body_cut_short_is_never_cached() {
             r.header("cache-status")
         );
         assert_eq!(up.requests(), 2);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_kills_the_replica_s_connections_is_sent_at_most_twice() {
+    bounded(30, async {
+        // Five connections answer once (slowly, so that all five open), then every connection
+        // closes on the next request without answering, as a worker crashing on it would.
+        let up = ScriptedUpstream::start(|conn, req| match (conn, req) {
+            (c, 0) if c < 5 => Script::Delayed(300, OK.to_vec()),
+            _ => Script::Close,
+        });
+        let p = proxy_for(&up).await;
+        let client = http1();
+        let primed = {
+            let url = p.url("/prime");
+            futures_util::future::join_all((0..5).map(|_| get(&client, &url, &[]))).await
+        };
+        assert!(primed.iter().all(|r| r.status == 200));
+        assert_eq!(up.connections(), 5);
+        let before = up.requests();
+        let r = get(&client, &p.url("/death"), &[]).await;
+        assert_eq!(r.status, 502, "{}", r.text());
+        assert_eq!(
+            up.requests() - before,
+            2,
+            "once on a kept connection, once more on a new one; never once per idle connection"
+        );
     })
     .await;
 }

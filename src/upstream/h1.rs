@@ -35,6 +35,8 @@ const MAX_CHUNK_LINE: usize = 4096;
 const MAX_TRAILERS: usize = 16 * 1024;
 const MIN_READ: usize = 8 * 1024;
 const MAX_READ: usize = 256 * 1024;
+/// The most 1xx heads skipped before the final one.
+const MAX_INFORMATIONAL: usize = 16;
 /// A request body up to this size goes out in the same write as its head.
 const COALESCE_BODY: usize = 16 * 1024;
 
@@ -136,6 +138,8 @@ pub struct Connection {
     buf: BytesMut,
     read_size: usize,
     head: Vec<u8>,
+    /// Whether any byte of an answer arrived during the current exchange.
+    received: bool,
 }
 
 /// How a request body is framed on the wire.
@@ -166,16 +170,22 @@ impl Connection {
             buf: BytesMut::new(),
             read_size: MIN_READ,
             head: Vec::new(),
+            received: false,
         }
     }
 
     /// Drops a read buffer that grew for a large body, so that an idle connection holds at
     /// most a small one.
     fn shrink(&mut self) {
-        if self.buf.capacity() > 2 * MIN_READ {
+        // After splits, `capacity` shows only the tail of an allocation that may be much
+        // larger: a buffer that ever grew is replaced.
+        if self.read_size > MIN_READ || self.buf.capacity() > 2 * MIN_READ {
             self.buf = BytesMut::new();
         }
         self.read_size = MIN_READ;
+        if self.head.capacity() > 2 * COALESCE_BODY {
+            self.head = Vec::new();
+        }
     }
 
     /// Whether an idle connection can carry another request: nothing arrived on it while it
@@ -204,6 +214,7 @@ impl Connection {
         reused: bool,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let (parts, mut body) = req.into_parts();
+        self.received = false;
         let framing = request_framing(&parts, &body);
         let mut head = std::mem::take(&mut self.head);
         write_head(&mut head, &parts, framing);
@@ -246,16 +257,13 @@ impl Connection {
             {
                 return Ok(self.into_response(resp, framing, false, pool));
             }
-            return Err(retry_or_fail(e, reused, parts, kept));
+            return Err(retry_or_fail(e, reused && !self.received, parts, kept));
         }
         match self.read_head(&parts.method).await {
             Ok((resp, framing, keep_alive)) => {
                 Ok(self.into_response(resp, framing, keep_alive, pool))
             }
-            Err(e @ (H1Error::ClosedBeforeHead | H1Error::Io(_))) => {
-                Err(retry_or_fail(e, reused, parts, kept))
-            }
-            Err(e) => Err(SendError::Failed(e)),
+            Err(e) => Err(retry_or_fail(e, reused && !self.received, parts, kept)),
         }
     }
 
@@ -331,6 +339,7 @@ impl Connection {
         if n == room && self.read_size < MAX_READ {
             self.read_size *= 2;
         }
+        self.received |= n > 0;
         Poll::Ready(Ok(n))
     }
 
@@ -344,10 +353,19 @@ impl Connection {
         &mut self,
         method: &Method,
     ) -> Result<(Response<()>, Framing, bool), H1Error> {
+        let mut informational = 0;
         loop {
             if !self.buf.is_empty() {
                 match parse_head(&mut self.buf, method)? {
-                    Some(Parsed::Informational) => continue,
+                    Some(Parsed::Informational) if informational == MAX_INFORMATIONAL => {
+                        return Err(H1Error::InvalidHead(format!(
+                            "more than {MAX_INFORMATIONAL} informational (1xx) responses"
+                        )));
+                    }
+                    Some(Parsed::Informational) => {
+                        informational += 1;
+                        continue;
+                    }
                     Some(Parsed::Final(resp, framing, keep_alive)) => {
                         return Ok((resp, framing, keep_alive));
                     }
@@ -366,14 +384,28 @@ impl Connection {
     }
 }
 
+/// A request may go again only when a kept connection closed or reset before any byte of an
+/// answer arrived (the replica dropped an idle connection as the request reached it), the
+/// method is idempotent and the body is in memory.
 fn retry_or_fail(
     e: H1Error,
-    reused: bool,
+    reused_and_unanswered: bool,
     parts: http::request::Parts,
     kept: Option<Bytes>,
 ) -> SendError {
+    let dropped = match &e {
+        H1Error::ClosedBeforeHead => true,
+        H1Error::Io(io) => matches!(
+            io.kind(),
+            io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::UnexpectedEof
+        ),
+        _ => false,
+    };
     match kept {
-        Some(b) if reused && parts.method.is_idempotent() => {
+        Some(b) if reused_and_unanswered && dropped && parts.method.is_idempotent() => {
             SendError::Retry(Box::new(Request::from_parts(parts, RequestBody::kept(b))))
         }
         _ => SendError::Failed(e),
@@ -485,7 +517,8 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, H1E
     let mut headers = HeaderMap::with_capacity(count + 4);
     let mut length: Option<u64> = None;
     let mut chunked = None;
-    let mut close = minor == 0;
+    let mut chunked_count = 0;
+    let (mut saw_close, mut keep_alive) = (false, false);
     for &(name, name_len, value, value_len) in &ranges[..count] {
         let name = &head[name as usize..(name + name_len) as usize];
         let name = HeaderName::from_bytes(name)
@@ -504,19 +537,28 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, H1E
             }
             length = Some(n);
         } else if name == http::header::TRANSFER_ENCODING {
+            let tokens = value.as_bytes().split(|&b| b == b',');
+            chunked_count += tokens
+                .filter(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+                .count();
             chunked = Some(last_token_is(value.as_bytes(), b"chunked"));
         } else if name == http::header::CONNECTION {
             for token in value.as_bytes().split(|&b| b == b',') {
                 let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if minor == 0 && token.eq_ignore_ascii_case(b"keep-alive") {
-                    close = false;
-                }
+                saw_close |= token.eq_ignore_ascii_case(b"close");
+                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
             }
         }
         headers.append(name, value);
     }
+    if chunked_count > 1 {
+        return Err(H1Error::InvalidHead(
+            "chunked applied more than once".into(),
+        ));
+    }
+    // HTTP/1.0 keeps a connection only when asked, and never after a Transfer-Encoding
+    // (RFC 9112 §6.1: such framing is faulty); `close` always wins.
+    let mut close = saw_close || (minor == 0 && (!keep_alive || chunked.is_some()));
     let framing = if *method == Method::HEAD
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
@@ -714,6 +756,9 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
         let this = self.get_mut();
         loop {
+            if this.state == State::Broken {
+                return Poll::Ready(Some(Err(H1Error::BodyCut)));
+            }
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
@@ -834,6 +879,14 @@ mod tests {
             Method::GET,
         );
         assert!(keep);
+        for closing in [
+            "HTTP/1.0 200 OK\r\nConnection: close, keep-alive\r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            let (_, _, keep) = final_head(closing, Method::GET);
+            assert!(!keep, "{closing:?}");
+        }
     }
 
     #[test]
@@ -846,6 +899,8 @@ mod tests {
             "HTTP/1.1 2000 OK\r\n\r\n",
             "HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n",
             "NOTHTTP 200 OK\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
         ] {
             assert!(head(raw, Method::GET).is_err(), "{raw:?}");
         }

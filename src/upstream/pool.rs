@@ -1,8 +1,10 @@
 //! Keep-alive HTTP/1 connections to one replica, over TCP or TLS (ALPN http/1.1 only).
 //!
 //! Idle connections wait on a stack per worker (most recently used first, so a few warm
-//! connections do the work); a worker takes the connections its own runtime drives, so a
-//! request never waits on another thread's. A request takes one, or opens a new one within
+//! connections do the work), and one more for the threads that are not workers (health checks
+//! on the main runtime); a worker takes the connections its own runtime drives, so a request
+//! never waits on another thread's. Connections idle past `idle_timeout` are closed as the
+//! stack is used; a full stack closes its oldest. A request takes one, or opens a new one within
 //! the upstream's `connect_timeout`, and drives the exchange itself ([`super::h1`]); its
 //! response body hands the connection back when it ends whole. A connection whose response
 //! was cut short is dropped, and with it the socket. Nothing runs per request but the request
@@ -47,32 +49,45 @@ impl Pool {
             tls,
             idle_timeout: Duration::from_secs(60),
             max_idle: 1024,
-            idle: (0..crate::workers::count())
+            idle: (0..=crate::workers::count())
                 .map(|_| Mutex::new(Vec::new()))
                 .collect(),
         })
     }
 
-    /// The idle stack of the worker this thread is.
+    /// The idle stack of the worker this thread is, or the last one off the workers.
     fn stack(&self) -> &Mutex<Vec<Idle>> {
-        &self.idle[crate::workers::current() % self.idle.len()]
+        let last = self.idle.len() - 1;
+        &self.idle[crate::workers::current().map_or(last, |i| i.min(last))]
+    }
+
+    /// Closes the connections idle for longer than `idle_timeout` (the bottom of the stack).
+    fn expire(&self, idle: &mut Vec<Idle>) {
+        let fresh = idle
+            .iter()
+            .position(|c| c.since.elapsed() < self.idle_timeout)
+            .unwrap_or(idle.len());
+        idle.drain(..fresh);
     }
 
     /// Takes back a connection whose response ended whole.
     pub(super) fn put(&self, conn: Box<Connection>) {
         let mut idle = self.stack().lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < self.max_idle {
-            idle.push(Idle {
-                conn,
-                since: Instant::now(),
-            });
+        self.expire(&mut idle);
+        if idle.len() >= self.max_idle {
+            idle.remove(0);
         }
+        idle.push(Idle {
+            conn,
+            since: Instant::now(),
+        });
     }
 
     fn checkout(&self) -> Option<Box<Connection>> {
         let mut idle = self.stack().lock().unwrap_or_else(|p| p.into_inner());
+        self.expire(&mut idle);
         while let Some(mut c) = idle.pop() {
-            if c.since.elapsed() < self.idle_timeout && c.conn.is_usable() {
+            if c.conn.is_usable() {
                 return Some(c.conn);
             }
         }
@@ -105,21 +120,25 @@ impl Pool {
     }
 
     /// Sends a request on an idle connection or a new one. An idempotent request with a kept
-    /// body that a reused connection closed without answering goes once more on a fresh
-    /// connection (the replica closed an idle connection as the request reached it).
+    /// body that a reused connection dropped before any byte of an answer goes once more, on a
+    /// new connection (the replica closed an idle connection as the request reached it).
     pub async fn send(
         self: &Arc<Self>,
         mut req: http::Request<RequestBody>,
         connect_timeout: Duration,
     ) -> Result<http::Response<UpstreamBody>, PoolError> {
+        let mut retried = false;
         loop {
-            let (conn, reused) = match self.checkout() {
+            let (conn, reused) = match (!retried).then(|| self.checkout()).flatten() {
                 Some(c) => (c, true),
                 None => (self.connect(connect_timeout).await?, false),
             };
             match conn.send(req, self, reused).await {
                 Ok(resp) => return Ok(resp),
-                Err(SendError::Retry(again)) => req = *again,
+                Err(SendError::Retry(again)) => {
+                    retried = true;
+                    req = *again;
+                }
                 Err(SendError::Failed(e)) => {
                     // TLS 1.3 completes the client's handshake before the server judges
                     // the client certificate; its refusal arrives with the first read.

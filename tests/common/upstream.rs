@@ -588,6 +588,8 @@ pub enum Script {
     Answer(Vec<u8>),
     /// Write these bytes, then close the connection.
     AnswerAndClose(Vec<u8>),
+    /// Wait this many milliseconds, then write these bytes and keep the connection.
+    Delayed(u64, Vec<u8>),
     /// Close the connection without answering.
     Close,
 }
@@ -656,6 +658,12 @@ impl ScriptedUpstream {
                         r.fetch_add(1, Ordering::SeqCst);
                         match script(conn, req) {
                             Script::Answer(b) => {
+                                if s.write_all(&b).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Script::Delayed(ms, b) => {
+                                tokio::time::sleep(Duration::from_millis(ms)).await;
                                 if s.write_all(&b).await.is_err() {
                                     return;
                                 }
