@@ -44,11 +44,21 @@ pub struct Pool {
 impl Pool {
     /// A pool for `host:port`, speaking TLS when `tls` is given.
     pub fn new(authority: &str, tls: Option<TlsConnect>) -> Arc<Pool> {
+        Self::with_limits(authority, tls, Duration::from_secs(60), 1024)
+    }
+
+    /// A pool whose connections idle at most `idle_timeout`, at most `max_idle` per stack.
+    fn with_limits(
+        authority: &str,
+        tls: Option<TlsConnect>,
+        idle_timeout: Duration,
+        max_idle: usize,
+    ) -> Arc<Pool> {
         Arc::new(Pool {
             authority: authority.to_owned(),
             tls,
-            idle_timeout: Duration::from_secs(60),
-            max_idle: 1024,
+            idle_timeout,
+            max_idle,
             idle: (0..=crate::workers::count())
                 .map(|_| Mutex::new(Vec::new()))
                 .collect(),
@@ -148,6 +158,43 @@ impl Pool {
                     return Err(PoolError::Http(e));
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    async fn closed(s: &mut tokio::net::TcpStream) -> bool {
+        let mut b = [0u8; 1];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(2), s.read(&mut b)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    #[tokio::test]
+    async fn idle_connections_expire_and_a_full_stack_closes_its_oldest() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let pool = Pool::with_limits(&addr, None, Duration::from_millis(200), 2);
+        let mut replica_side = Vec::new();
+        for _ in 0..3 {
+            let conn = pool.connect(Duration::from_secs(1)).await.unwrap();
+            replica_side.push(listener.accept().await.unwrap().0);
+            pool.put(conn);
+        }
+        assert!(closed(&mut replica_side[0]).await, "the oldest is closed");
+        let mut b = [0u8; 1];
+        let newest = tokio::time::timeout(Duration::from_millis(50), replica_side[2].read(&mut b));
+        assert!(newest.await.is_err(), "the newest stays open");
+
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(pool.checkout().is_none(), "both expired");
+        for s in &mut replica_side[1..] {
+            assert!(closed(s).await, "an expired connection is closed");
         }
     }
 }
