@@ -204,42 +204,33 @@ impl HeadScan {
     }
 
     /// Feeds bytes read; returns true when the head ended with both headers present. Works a
-    /// line at a time (a `memchr` for each line end), keeping only a line's first bytes.
-    /// A line that arrived whole is judged where it lies; only one split across reads is
-    /// copied (its first bytes).
+    /// line at a time (a `memchr` for each line end): a line that arrived whole is judged where
+    /// it lies, one split across reads by its first bytes, kept.
     fn feed(&mut self, mut data: &[u8]) -> bool {
         while self.active {
             let Some(end) = memchr::memchr(b'\n', data) else {
                 self.keep(data);
                 return false;
             };
-            let (empty, content_length, transfer_encoding) = if self.line_len == 0 {
+            let kept;
+            let line = if self.line_len == 0 {
                 let line = &data[..end];
-                let line = line.strip_suffix(b"\r").unwrap_or(line);
-                (
-                    line.is_empty(),
-                    Self::is(line, b"content-length:"),
-                    Self::is(line, b"transfer-encoding:"),
-                )
+                line.strip_suffix(b"\r").unwrap_or(line)
             } else {
                 self.keep(&data[..end]);
-                let line = &self.line[..self.line_len];
-                (
-                    false,
-                    Self::is(line, b"content-length:"),
-                    Self::is(line, b"transfer-encoding:"),
-                )
+                kept = self.line;
+                &kept[..self.line_len]
             };
             data = &data[end + 1..];
-            if empty {
+            if line.is_empty() {
                 if self.lines > 0 {
                     self.active = false;
                     return self.content_length && self.transfer_encoding;
                 }
                 continue;
             }
-            self.content_length |= content_length;
-            self.transfer_encoding |= transfer_encoding;
+            self.content_length |= Self::is(line, b"content-length:");
+            self.transfer_encoding |= Self::is(line, b"transfer-encoding:");
             self.lines += 1;
             self.line_len = 0;
         }

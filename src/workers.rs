@@ -16,7 +16,7 @@ use tokio::runtime::{Builder, Handle};
 use tokio::sync::watch;
 
 thread_local! {
-    static INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
+    static INDEX: Cell<Option<usize>> = const { Cell::new(None) };
 }
 
 static COUNT: OnceLock<usize> = OnceLock::new();
@@ -24,7 +24,7 @@ static COUNT: OnceLock<usize> = OnceLock::new();
 /// The index of the worker this thread is; `None` on any other thread (the main runtime when
 /// it is not the worker, blocking threads).
 pub fn current() -> Option<usize> {
-    Some(INDEX.with(Cell::get)).filter(|&i| i != usize::MAX)
+    INDEX.with(Cell::get)
 }
 
 /// How many workers this process runs (1 until [`Workers::start`]).
@@ -46,7 +46,7 @@ impl Workers {
         let _ = COUNT.set(n);
         let (stop, _) = watch::channel(false);
         if n <= 1 {
-            INDEX.with(|i| i.set(0));
+            INDEX.with(|i| i.set(Some(0)));
             return Ok(Workers {
                 handles: vec![Handle::current()],
                 stop,
@@ -62,7 +62,7 @@ impl Workers {
             let thread = std::thread::Builder::new()
                 .name(format!("palisade-worker-{index}"))
                 .spawn(move || {
-                    INDEX.with(|i| i.set(index));
+                    INDEX.with(|i| i.set(Some(index)));
                     runtime.block_on(async move {
                         let _ = stopped.wait_for(|s| *s).await;
                     });

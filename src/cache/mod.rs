@@ -820,15 +820,13 @@ fn status_value(v: &str) -> HeaderValue {
 /// The `Cache-Status` of a hit, `palisade; hit; ttl=N` and `suffix`, built in one exact-size
 /// allocation: this runs on every hit.
 fn hit_status(ttl: i64, suffix: &'static str) -> HeaderValue {
-    const PREFIX: &[u8] = b"palisade; hit; ttl=";
     let mut n = itoa::Buffer::new();
-    let n = n.format(ttl).as_bytes();
-    let mut v = Vec::with_capacity(PREFIX.len() + n.len() + suffix.len());
-    v.extend_from_slice(PREFIX);
-    v.extend_from_slice(n);
-    v.extend_from_slice(suffix.as_bytes());
-    HeaderValue::from_maybe_shared(Bytes::from(v))
-        .unwrap_or_else(|_| HeaderValue::from_static("palisade"))
+    crate::proxy::headers::value_of(&[
+        b"palisade; hit; ttl=",
+        n.format(ttl).as_bytes(),
+        suffix.as_bytes(),
+    ])
+    .unwrap_or_else(|_| HeaderValue::from_static("palisade"))
 }
 
 /// Ages below this many seconds come from a table made once.

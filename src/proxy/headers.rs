@@ -25,6 +25,16 @@ pub static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 /// `X-Request-Id`.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// A header value made of `parts` in one exactly sized allocation that becomes the value
+/// itself (no second copy): for the values written on every request.
+pub fn value_of(parts: &[&[u8]]) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
+    let mut v = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for p in parts {
+        v.extend_from_slice(p);
+    }
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(v))
+}
+
 /// Removes hop-by-hop headers: Connection and the headers it names, Keep-Alive, TE, Trailer,
 /// Transfer-Encoding, Upgrade and every Proxy-* header.
 pub fn remove_hop_by_hop(h: &mut HeaderMap) {
@@ -127,7 +137,6 @@ fn extend(prior: Option<String>) -> String {
 /// A client address as the forwarding headers write it (IPv4-mapped IPv6 as IPv4), formatted
 /// once per connection rather than once per request.
 pub struct Peer {
-    text: Box<str>,
     xff: HeaderValue,
     node: Box<str>,
     /// The last `Forwarded` value made from this peer's address alone, with the host and
@@ -147,7 +156,6 @@ impl Peer {
         push_forwarded_node(&mut node, ip);
         Peer {
             xff: HeaderValue::from_str(&text).expect("an IP address is a valid header value"),
-            text: text.into(),
             node: node.into(),
             last: std::sync::Mutex::new(None),
         }
@@ -171,7 +179,7 @@ pub fn set_forwarding(
         }
         Some(mut xff) => {
             xff.push_str(", ");
-            xff.push_str(&peer.text);
+            xff.push_str(peer.xff.to_str().unwrap_or_default());
             if let Ok(v) = HeaderValue::from_str(&xff) {
                 h.insert(&X_FORWARDED_FOR, v);
             }

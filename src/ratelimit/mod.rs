@@ -138,15 +138,14 @@ impl Policy {
         let t = d.reset_after.as_secs() + u64::from(d.reset_after.subsec_nanos() > 0);
         let (mut r_buf, mut t_buf) = (itoa::Buffer::new(), itoa::Buffer::new());
         let (r, t) = (r_buf.format(d.remaining), t_buf.format(t));
-        // Exactly sized, so that the bytes become the header value without another copy.
-        let mut v = Vec::with_capacity(self.quoted_name.len() + 6 + r.len() + t.len());
-        v.extend_from_slice(self.quoted_name.as_bytes());
-        v.extend_from_slice(b";r=");
-        v.extend_from_slice(r.as_bytes());
-        v.extend_from_slice(b";t=");
-        v.extend_from_slice(t.as_bytes());
-        HeaderValue::from_maybe_shared(bytes::Bytes::from(v))
-            .unwrap_or(HeaderValue::from_static("\"limit\""))
+        crate::proxy::headers::value_of(&[
+            self.quoted_name.as_bytes(),
+            b";r=",
+            r.as_bytes(),
+            b";t=",
+            t.as_bytes(),
+        ])
+        .unwrap_or(HeaderValue::from_static("\"limit\""))
     }
 }
 

@@ -45,7 +45,7 @@ const COALESCE_BODY: usize = 16 * 1024;
 pub enum H1Error {
     /// The socket failed.
     #[error("connection error")]
-    Io(#[source] io::Error),
+    Io(#[from] io::Error),
     /// The connection closed before any byte of a response arrived.
     #[error("connection closed before the response head")]
     ClosedBeforeHead,
@@ -67,12 +67,6 @@ pub enum H1Error {
     /// Reading the client's request body failed (too large, or the client's connection).
     #[error("request body")]
     RequestBody(#[source] Box<BodyError>),
-}
-
-impl From<io::Error> for H1Error {
-    fn from(e: io::Error) -> Self {
-        H1Error::Io(e)
-    }
 }
 
 /// The socket of one upstream connection: TCP, or TLS over TCP.

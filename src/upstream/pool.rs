@@ -72,30 +72,31 @@ impl Pool {
     }
 
     /// Closes the connections idle for longer than `idle_timeout` (the bottom of the stack).
-    fn expire(&self, idle: &mut Vec<Idle>) {
+    fn expire(&self, idle: &mut Vec<Idle>, now: Instant) {
         let fresh = idle
             .iter()
-            .position(|c| c.since.elapsed() < self.idle_timeout)
+            .position(|c| now.saturating_duration_since(c.since) < self.idle_timeout)
             .unwrap_or(idle.len());
         idle.drain(..fresh);
     }
 
     /// Takes back a connection whose response ended whole.
     pub(super) fn put(&self, conn: Box<Connection>) {
+        let now = Instant::now();
         let mut idle = self.stack().lock().unwrap_or_else(|p| p.into_inner());
-        self.expire(&mut idle);
+        self.expire(&mut idle, now);
         if idle.len() >= self.max_idle {
             idle.remove(0);
         }
-        idle.push(Idle {
-            conn,
-            since: Instant::now(),
-        });
+        idle.push(Idle { conn, since: now });
     }
 
     fn checkout(&self) -> Option<Box<Connection>> {
         let mut idle = self.stack().lock().unwrap_or_else(|p| p.into_inner());
-        self.expire(&mut idle);
+        if idle.is_empty() {
+            return None;
+        }
+        self.expire(&mut idle, Instant::now());
         while let Some(mut c) = idle.pop() {
             if c.conn.is_usable() {
                 return Some(c.conn);

@@ -616,7 +616,7 @@ impl Drop for ScriptedUpstream {
 impl ScriptedUpstream {
     /// Starts the replica on 127.0.0.1:0.
     pub fn start(script: impl Fn(u64, u64) -> Script + Send + Sync + 'static) -> ScriptedUpstream {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let rt = runtime();
         let listener = bind(&rt);
         let addr = listener.local_addr().expect("addr");
@@ -635,10 +635,8 @@ impl ScriptedUpstream {
                             if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                                 break p + 4;
                             }
-                            let mut tmp = [0u8; 4096];
-                            match s.read(&mut tmp).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                            if !read_more(&mut s, &mut buf).await {
+                                return;
                             }
                         };
                         let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
@@ -648,10 +646,8 @@ impl ScriptedUpstream {
                             .and_then(|v| v.trim().parse().ok())
                             .unwrap_or(0);
                         while buf.len() < end + body {
-                            let mut tmp = [0u8; 4096];
-                            match s.read(&mut tmp).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                            if !read_more(&mut s, &mut buf).await {
+                                return;
                             }
                         }
                         buf.drain(..end + body);
@@ -699,5 +695,18 @@ impl ScriptedUpstream {
     /// Request heads read so far.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::SeqCst)
+    }
+}
+
+/// Reads what the peer sent next onto `buf`; false once the connection closed or failed.
+async fn read_more(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut tmp = [0u8; 4096];
+    match s.read(&mut tmp).await {
+        Ok(0) | Err(_) => false,
+        Ok(n) => {
+            buf.extend_from_slice(&tmp[..n]);
+            true
+        }
     }
 }
