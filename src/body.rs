@@ -7,6 +7,7 @@
 
 use crate::cache::Capture;
 use crate::server::ConnActivity;
+use crate::server::h1::{BodyReader, ReadError};
 use crate::upstream::InFlight;
 use crate::upstream::h1::{H1Error, UpstreamBody};
 use bytes::Bytes;
@@ -14,6 +15,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
@@ -32,33 +34,80 @@ pub enum BodyError {
     /// The upstream sent nothing for its `timeout`.
     #[error("upstream sent no body data for {0:?}")]
     UpstreamStalled(Duration),
-    /// The client's connection failed.
+    /// The client's HTTP/2 connection failed.
     #[error(transparent)]
     Transport(#[from] hyper::Error),
+    /// The client's HTTP/1.1 body could not be read.
+    #[error(transparent)]
+    Client(#[from] ReadError),
     /// The upstream's connection failed or broke the protocol.
     #[error(transparent)]
     Upstream(#[from] H1Error),
 }
 
+/// A client's request body as the connection delivers it.
+pub enum ClientBody {
+    /// Read by Palisade's HTTP/1.1 connection.
+    H1(BodyReader),
+    /// An HTTP/2 stream's body.
+    H2(Incoming),
+    /// A request without a body.
+    Empty,
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            ClientBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
+            ClientBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
+            ClientBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::H1(b) => b.is_end_stream(),
+            ClientBody::H2(b) => b.is_end_stream(),
+            ClientBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::H1(b) => b.size_hint(),
+            ClientBody::H2(b) => b.size_hint(),
+            ClientBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
 /// A client's request body: streamed, failing once more than `limit` bytes have arrived; or
 /// kept whole in memory (a small body that may be sent again on a retry).
 pub struct RequestBody {
-    inner: Option<Incoming>,
+    inner: Option<ClientBody>,
     kept: Option<Bytes>,
     pending: Option<Bytes>,
     seen: u64,
     limit: u64,
+    sent: Option<Arc<AtomicBool>>,
 }
 
 impl RequestBody {
     /// Wraps a client's body with its limit.
-    pub fn new(inner: Incoming, limit: u64) -> Self {
+    pub fn new(inner: ClientBody, limit: u64) -> Self {
         RequestBody {
             inner: Some(inner),
             kept: None,
             pending: None,
             seen: 0,
             limit,
+            sent: Some(Arc::new(AtomicBool::new(false))),
         }
     }
 
@@ -75,6 +124,7 @@ impl RequestBody {
             pending: (!bytes.is_empty()).then_some(bytes),
             seen: 0,
             limit: 0,
+            sent: None,
         }
     }
 
@@ -86,6 +136,12 @@ impl RequestBody {
         Some(self.pending.take().unwrap_or_default())
     }
 
+    /// For a streamed body, a flag set once the client's body has been read to its end (so
+    /// that a timeout before then is not blamed on the replica); `None` for a body in memory.
+    pub fn sent(&self) -> Option<Arc<AtomicBool>> {
+        self.sent.clone()
+    }
+
     /// The same body again, if it is held in memory.
     pub fn replay(&self) -> Option<RequestBody> {
         self.kept.clone().map(RequestBody::kept)
@@ -94,7 +150,7 @@ impl RequestBody {
     /// Reads a client's body of `len` bytes (its Content-Length) into memory, waiting at most
     /// `timeout` for all of it.
     pub async fn read_kept(
-        mut inner: Incoming,
+        mut inner: ClientBody,
         len: u64,
         timeout: Duration,
     ) -> Result<RequestBody, BodyError> {
@@ -145,8 +201,13 @@ impl Body for RequestBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
-            None => Poll::Ready(None),
+            Some(Err(e)) => Poll::Ready(Some(Err(e))),
+            None => {
+                if let Some(sent) = &this.sent {
+                    sent.store(true, Ordering::Relaxed);
+                }
+                Poll::Ready(None)
+            }
         }
     }
 

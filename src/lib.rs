@@ -17,7 +17,7 @@
 //! - [`proxy`]: the request pipeline, header rules, error responses.
 //! - [`upstream`]: replicas, connection pools, balancers, health checks, circuit breakers,
 //!   retries.
-//! - [`body`]: streamed request and response bodies.
+//! - [`body`]: streamed request and response bodies; [`framing`]: HTTP/1.1 message framing.
 //! - [`cache`]: the response cache (policy, keys, memory and Redis tiers, coalescing, purge).
 //! - [`metrics`]: every Prometheus metric; [`admin`]: the admin listener.
 //! - [`cli`]: `run`, `check`, `explain`, `demo`; [`demo`]: the built-in demo replicas;
@@ -30,6 +30,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod explain;
+pub mod framing;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;

@@ -12,6 +12,10 @@ pub enum ProxyError {
     /// Malformed or dangerous request (the connection is closed after the answer).
     #[error("{0}")]
     BadRequest(String),
+    /// The request uses a feature Palisade does not implement (a transfer coding other than
+    /// chunked); the connection is closed after the answer.
+    #[error("{0}")]
+    NotImplemented(String),
     /// No route matches.
     #[error("no route matches {method} {host}{path}")]
     NoRoute {
@@ -101,6 +105,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) | ProxyError::MissingKey(_) => StatusCode::BAD_REQUEST,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -110,6 +115,7 @@ impl ProxyError {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             ProxyError::Upstream(UpstreamError::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Upstream(UpstreamError::ClientBody { .. }) => StatusCode::BAD_REQUEST,
             ProxyError::Cache(CacheError::NotCached) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
         }
@@ -121,9 +127,11 @@ impl ProxyError {
         matches!(
             self,
             ProxyError::BadRequest(_)
+                | ProxyError::NotImplemented(_)
                 | ProxyError::BodyTooLarge { .. }
                 | ProxyError::HeadersTooLarge { .. }
                 | ProxyError::Upstream(UpstreamError::BodyTooLarge { .. })
+                | ProxyError::Upstream(UpstreamError::ClientBody { .. })
         )
     }
 

@@ -11,7 +11,7 @@ mod refresh;
 
 pub use error::ProxyError;
 
-use crate::body::{AccessRecord, RequestBody, ResponseBody};
+use crate::body::{AccessRecord, ClientBody, RequestBody, ResponseBody};
 use crate::cache::{CacheKey, CacheRequest, CacheResult, Finish, Lookup};
 use crate::metrics::NO_ROUTE;
 use crate::ratelimit::gcra::Decision;
@@ -20,7 +20,6 @@ use crate::router::{RouteMatch, normalize_host};
 use crate::server::ConnInfo;
 use crate::state::{Shared, Snapshot};
 use http::{HeaderValue, Request, Response, Version, header};
-use hyper::body::Incoming;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,7 +29,7 @@ const BOTH_LENGTHS: &str = "both Content-Length and Transfer-Encoding are presen
 pub async fn handle(
     shared: &Shared,
     conn: &ConnInfo,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
     let snap = shared.snapshot.load_full();
@@ -99,6 +98,20 @@ pub async fn handle(
     resp
 }
 
+/// Answers a request head that could not become a request (malformed, or larger than
+/// `max_header_bytes`): counted as an unrouted request, method "OTHER".
+pub fn reject(shared: &Shared, error: ProxyError) -> Response<ResponseBody> {
+    let request_id = shared.next_request_id();
+    tracing::debug!(request_id = request_id.to_str().unwrap_or("-"), error = %error, "request head refused");
+    let mut resp = error.into_response(&request_id);
+    let h = resp.headers_mut();
+    h.insert(&headers::X_REQUEST_ID, request_id);
+    h.append(header::VIA, headers::VIA_H1);
+    let other = http::Method::from_bytes(b"OTHER").unwrap_or_default();
+    shared.metrics.unrouted_requests.inc(&other, resp.status());
+    resp
+}
+
 /// What [`forward`] answers with, and for the metrics and the access log where it came from.
 struct Answer {
     resp: Response<ResponseBody>,
@@ -111,16 +124,13 @@ async fn forward(
     shared: &Shared,
     snap: &Snapshot,
     conn: &ConnInfo,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     request_id: &HeaderValue,
     via: &HeaderValue,
 ) -> Result<Answer, (ProxyError, Option<usize>)> {
     let server = &snap.config.server;
 
     // 1. The request as parsed: framing, size and path checks.
-    if conn.activity.take_ambiguous_framing() {
-        return Err((ProxyError::BadRequest(BOTH_LENGTHS.into()), None));
-    }
     check_request(&req, server.max_header_bytes, server.max_request_body).map_err(|e| (e, None))?;
 
     // 2. Route.
@@ -216,7 +226,7 @@ async fn forward(
     let (mut parts, body) = req.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::EXPECT);
-    if !parts.headers.contains_key(header::HOST)
+    if (parts.uri.authority().is_some() || !parts.headers.contains_key(header::HOST))
         && let Ok(v) = HeaderValue::from_str(&host_value)
     {
         parts.headers.insert(header::HOST, v);
@@ -365,7 +375,7 @@ async fn rate_limit(
     shared: &Shared,
     snap: &Snapshot,
     conn: &ConnInfo,
-    req: &Request<Incoming>,
+    req: &Request<ClientBody>,
     route: usize,
     policy: &Policy,
 ) -> Result<Option<(HeaderValue, HeaderValue)>, ProxyError> {
@@ -425,7 +435,7 @@ async fn rate_limit(
         .then(|| (policy.policy_header.clone(), policy.ratelimit_header(&d))))
 }
 
-fn body_is_empty(h: &http::HeaderMap, body: &Incoming) -> bool {
+fn body_is_empty(h: &http::HeaderMap, body: &ClientBody) -> bool {
     use http_body::Body;
     body.is_end_stream()
         || (h.get(header::CONTENT_LENGTH).is_some_and(|v| v == "0")
@@ -433,18 +443,19 @@ fn body_is_empty(h: &http::HeaderMap, body: &Incoming) -> bool {
 }
 
 /// The Host the client asked for: the Host header, else the URI's authority (HTTP/2).
+///
+/// The request target's authority comes first: an absolute-form target's (RFC 9112 §3.2.2:
+/// the Host header is then ignored) and HTTP/2's `:authority`.
 pub(super) fn request_host<B>(req: &Request<B>) -> std::borrow::Cow<'_, str> {
-    if let Some(h) = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-    {
-        return std::borrow::Cow::Borrowed(h);
+    if let Some(a) = req.uri().authority() {
+        return std::borrow::Cow::Borrowed(a.as_str());
     }
-    match req.uri().authority() {
-        Some(a) => std::borrow::Cow::Borrowed(a.as_str()),
-        None => std::borrow::Cow::Borrowed(""),
-    }
+    std::borrow::Cow::Borrowed(
+        req.headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(""),
+    )
 }
 
 /// Whether a client's `X-Request-Id` is kept: visible ASCII, 1 to 128 bytes.

@@ -3,14 +3,13 @@
 //! the cache store the result. One refresh per key runs at a time (the cache's flight guard).
 
 use super::headers;
-use crate::body::{RequestBody, ResponseBody};
+use crate::body::{ClientBody, RequestBody, ResponseBody};
 use crate::cache::{Finish, Pending};
 use crate::server::ConnInfo;
 use crate::state::{Shared, Snapshot};
 use crate::upstream::Upstream;
 use http::{Request, Version, header};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use std::sync::Arc;
 
 /// Starts a background refresh of `pending`'s URL on `upstream`, bounded by four times the
@@ -19,7 +18,7 @@ pub(super) fn spawn(
     shared: &Shared,
     snap: &Snapshot,
     conn: &ConnInfo,
-    req: &Request<Incoming>,
+    req: &Request<ClientBody>,
     upstream: Arc<Upstream>,
     pending: Box<Pending>,
 ) {

@@ -14,15 +14,22 @@
 //! in progress, and `idle_timeout` while no bytes move and no handler is waiting on an upstream
 //! (which covers both keep-alive idling and clients that stop reading a response).
 
+pub mod h1;
+
+use crate::body::ClientBody;
 use crate::proxy;
 use crate::state::Shared;
+use bytes::{Bytes, BytesMut};
+use http::Request;
+use hyper::body::Incoming;
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -66,7 +73,8 @@ pub struct ConnActivity {
     bodies: AtomicUsize,
     h2: AtomicBool,
     first_read: AtomicBool,
-    ambiguous_framing: AtomicBool,
+    draining: AtomicBool,
+    awaiting_body: AtomicBool,
 }
 
 impl ConnActivity {
@@ -79,7 +87,8 @@ impl ConnActivity {
             bodies: AtomicUsize::new(0),
             h2: AtomicBool::new(false),
             first_read: AtomicBool::new(true),
-            ambiguous_framing: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            awaiting_body: AtomicBool::new(false),
         }
     }
 
@@ -88,8 +97,8 @@ impl ConnActivity {
         coarse_ms().saturating_sub(self.epoch)
     }
 
-    /// Records a read; returns whether it began a request head.
-    fn on_read(&self, data: &[u8]) -> bool {
+    /// Records a read.
+    fn on_read(&self, data: &[u8]) {
         let now = self.now();
         self.last_io.store(now, Ordering::Relaxed);
         if self.first_read.swap(false, Ordering::Relaxed) && data.starts_with(b"PRI * HTTP/2.0") {
@@ -100,16 +109,25 @@ impl ConnActivity {
             && self.head_since.load(Ordering::Relaxed) == NONE
         {
             self.head_since.store(now, Ordering::Relaxed);
-            return !self.h2.load(Ordering::Relaxed);
         }
-        false
     }
 
-    /// Whether the request head just parsed had both Content-Length and Transfer-Encoding
-    /// (hyper keeps only Transfer-Encoding, so the request itself no longer shows it). Clears
-    /// the flag.
-    pub fn take_ambiguous_framing(&self) -> bool {
-        self.ambiguous_framing.swap(false, Ordering::Relaxed)
+    /// Whether the connection is draining: it closes after the response in progress.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Whether a handler is waiting for bytes of the client's request body.
+    pub fn reading_body(&self, waiting: bool) {
+        self.awaiting_body.store(waiting, Ordering::Relaxed);
+    }
+
+    /// Whether no request is in progress: no head begun, no handler running, no body
+    /// streaming.
+    fn is_idle(&self) -> bool {
+        self.handlers.load(Ordering::Relaxed) == 0
+            && self.bodies.load(Ordering::Relaxed) == 0
+            && self.head_since.load(Ordering::Relaxed) == NONE
     }
 
     fn on_write(&self) {
@@ -145,10 +163,13 @@ impl ConnActivity {
     ) -> Result<Duration, &'static str> {
         let now = self.now();
         let idle_ms = idle_timeout.as_millis() as u64;
+        let last = self.last_io.load(Ordering::Relaxed);
         if self.handlers.load(Ordering::Relaxed) > 0 {
+            if self.awaiting_body.load(Ordering::Relaxed) && now.saturating_sub(last) >= idle_ms {
+                return Err("request body stalled for idle_timeout");
+            }
             return Ok(idle_timeout.min(header_timeout));
         }
-        let last = self.last_io.load(Ordering::Relaxed);
         if now.saturating_sub(last) >= idle_ms {
             return Err(if self.bodies.load(Ordering::Relaxed) > 0 {
                 "client stopped reading"
@@ -180,81 +201,6 @@ impl ConnActivity {
 struct ActivityIo<S> {
     inner: S,
     activity: Arc<ConnActivity>,
-    scan: HeadScan,
-}
-
-/// Watches the header lines of an HTTP/1 request head, from its first byte to the blank line,
-/// for a Content-Length and a Transfer-Encoding together.
-#[derive(Default)]
-struct HeadScan {
-    active: bool,
-    lines: usize,
-    line: [u8; 18],
-    line_len: usize,
-    content_length: bool,
-    transfer_encoding: bool,
-}
-
-impl HeadScan {
-    fn start(&mut self) {
-        *self = HeadScan {
-            active: true,
-            ..HeadScan::default()
-        };
-    }
-
-    /// Feeds bytes read; returns true when the head ended with both headers present. Works a
-    /// line at a time (a `memchr` for each line end): a line that arrived whole is judged where
-    /// it lies, one split across reads by its first bytes, kept.
-    fn feed(&mut self, mut data: &[u8]) -> bool {
-        while self.active {
-            let Some(end) = memchr::memchr(b'\n', data) else {
-                self.keep(data);
-                return false;
-            };
-            let kept;
-            let line = if self.line_len == 0 {
-                let line = &data[..end];
-                line.strip_suffix(b"\r").unwrap_or(line)
-            } else {
-                self.keep(&data[..end]);
-                kept = self.line;
-                &kept[..self.line_len]
-            };
-            data = &data[end + 1..];
-            if line.is_empty() {
-                if self.lines > 0 {
-                    self.active = false;
-                    return self.content_length && self.transfer_encoding;
-                }
-                continue;
-            }
-            self.content_length |= Self::is(line, b"content-length:");
-            self.transfer_encoding |= Self::is(line, b"transfer-encoding:");
-            self.lines += 1;
-            self.line_len = 0;
-        }
-        false
-    }
-
-    /// Whether a header line starts with `name:` (any case).
-    fn is(line: &[u8], name: &[u8]) -> bool {
-        line.len() >= name.len() && line[..name.len()].eq_ignore_ascii_case(name)
-    }
-
-    /// Adds a piece of the current line, CRs left out (they only end lines), up to the
-    /// length kept; a line longer than that is told apart by its first bytes alone.
-    fn keep(&mut self, piece: &[u8]) {
-        for &b in piece {
-            if self.line_len == self.line.len() {
-                return;
-            }
-            if b != b'\r' {
-                self.line[self.line_len] = b;
-                self.line_len += 1;
-            }
-        }
-    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for ActivityIo<S> {
@@ -269,15 +215,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for ActivityIo<S> {
         if let Poll::Ready(Ok(())) = r
             && buf.filled().len() > before
         {
-            let data = &buf.filled()[before..];
-            if this.activity.on_read(data) {
-                this.scan.start();
-            }
-            if this.scan.active && this.scan.feed(data) {
-                this.activity
-                    .ambiguous_framing
-                    .store(true, Ordering::Relaxed);
-            }
+            this.activity.on_read(&buf.filled()[before..]);
         }
         r
     }
@@ -532,70 +470,96 @@ impl Server {
     {
         let settings = self.shared.snapshot.load().config.server.clone();
         let activity = Arc::new(ConnActivity::new());
-        let io = TokioIo::new(ActivityIo {
+        let mut io = ActivityIo {
             inner: stream,
             activity: activity.clone(),
-            scan: HeadScan::default(),
-        });
+        };
         let info = Arc::new(ConnInfo {
             peer,
             forwarded: proxy::headers::Peer::new(peer.ip()),
             proto,
             activity: activity.clone(),
         });
-        let shared = self.shared.clone();
-        let service = service_fn(move |req| {
-            let shared = shared.clone();
-            let info = info.clone();
-            async move {
-                info.activity.handler_started();
-                let resp = proxy::handle(&shared, &info, req).await;
-                info.activity.handler_ended();
-                Ok::<_, std::convert::Infallible>(resp)
-            }
-        });
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(None)
-            .keep_alive(true)
-            .max_buf_size((settings.max_header_bytes * 2).max(64 << 10));
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(256)
-            .max_header_list_size((settings.max_header_bytes * 2) as u32)
-            .keep_alive_interval(Some(Duration::from_secs(30)))
-            .keep_alive_timeout(Duration::from_secs(20));
-        let conn = builder.serve_connection(io, service);
-        tokio::pin!(conn);
         let mut shutdown = self.shutdown.subscribe();
-        let mut draining = *shutdown.borrow();
-        if draining {
-            conn.as_mut().graceful_shutdown();
-        }
-        loop {
-            let wait = match activity.check(settings.header_read_timeout, settings.idle_timeout) {
-                Ok(wait) => wait,
-                Err(reason) => {
-                    tracing::debug!(client = %peer, reason, "closing connection");
-                    break;
+
+        // The first bytes tell HTTP/2's connection preface from an HTTP/1.1 request.
+        let mut buf = BytesMut::with_capacity(8 * 1024);
+        let h2 = {
+            let sniff = pin!(async {
+                loop {
+                    if tokio_util::io::read_buf(&mut io, &mut buf).await.ok()? == 0 {
+                        return None;
+                    }
+                    let n = buf.len().min(H2_PREFACE.len());
+                    if buf[..n] != H2_PREFACE[..n] {
+                        return Some(false);
+                    }
+                    if n == H2_PREFACE.len() {
+                        return Some(true);
+                    }
+                }
+            });
+            match supervise(&activity, &settings, &mut shutdown, sniff, |_| true).await {
+                Some(Some(h2)) => h2,
+                _ => return,
+            }
+        };
+
+        if h2 {
+            activity.h2.store(true, Ordering::Relaxed);
+            let shared = self.shared.clone();
+            let service = service_fn(move |req: Request<Incoming>| {
+                let shared = shared.clone();
+                let info = info.clone();
+                async move {
+                    info.activity.handler_started();
+                    let resp = proxy::handle(&shared, &info, req.map(ClientBody::H2)).await;
+                    info.activity.handler_ended();
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            });
+            let io = TokioIo::new(Prefixed {
+                prefix: buf.freeze(),
+                inner: io,
+            });
+            let conn = pin!(
+                http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .max_concurrent_streams(256)
+                    .max_header_list_size((settings.max_header_bytes * 2) as u32)
+                    .keep_alive_interval(Some(Duration::from_secs(30)))
+                    .keep_alive_timeout(Duration::from_secs(20))
+                    .serve_connection(io, service)
+            );
+            let ended = supervise(&activity, &settings, &mut shutdown, conn, |c| {
+                c.graceful_shutdown();
+                false
+            })
+            .await;
+            if let Some(Err(e)) = ended {
+                tracing::debug!(client = %peer, error = %e, "connection ended with an error");
+            }
+        } else {
+            let limits = h1::Limits {
+                max_head: settings.max_header_bytes,
+            };
+            let shared = &self.shared;
+            let call = |req| {
+                let info = &info;
+                async move {
+                    info.activity.handler_started();
+                    let resp = proxy::handle(shared, info, req).await;
+                    info.activity.handler_ended();
+                    resp
                 }
             };
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(client = %peer, error = %e, "connection ended with an error");
-                    }
-                    break;
-                }
-                _ = shutdown.changed(), if !draining => {
-                    draining = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-                _ = tokio::time::sleep(wait) => {}
-            }
+            let reject = |e| proxy::reject(shared, e);
+            let conn = pin!(h1::serve(io, buf, limits, &activity, call, reject));
+            supervise(&activity, &settings, &mut shutdown, conn, |_| {
+                activity.draining.store(true, Ordering::Relaxed);
+                activity.is_idle()
+            })
+            .await;
         }
     }
 
@@ -612,54 +576,87 @@ impl Server {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::HeadScan;
+/// The first bytes an HTTP/2 client sends (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-    fn scan(chunks: &[&[u8]]) -> bool {
-        let mut s = HeadScan::default();
-        s.start();
-        chunks.iter().any(|c| s.feed(c))
+/// Runs a connection's future while watching its timeouts and the shutdown signal: `None` if
+/// a timeout closed it or `on_drain` (called once, when draining starts) says to close now.
+async fn supervise<F: Future>(
+    activity: &ConnActivity,
+    settings: &crate::config::ServerSettings,
+    shutdown: &mut watch::Receiver<bool>,
+    mut conn: Pin<&mut F>,
+    mut on_drain: impl FnMut(Pin<&mut F>) -> bool,
+) -> Option<F::Output> {
+    let mut draining = *shutdown.borrow();
+    if draining && on_drain(conn.as_mut()) {
+        return None;
     }
-
-    #[test]
-    fn head_scan_finds_both_lengths_across_reads() {
-        assert!(scan(&[
-            b"POST / HTTP/1.1\r\nContent-Len",
-            b"gth: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n"
-        ]));
-        assert!(scan(&[
-            b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\nCONTENT-LENGTH: 5\r\n\r\n"
-        ]));
-        assert!(!scan(&[
-            b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nTransfer-Encoding: x\r\n\r\n"
-        ]));
-        assert!(!scan(&[
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nX-Content-Length: 5\r\n\r\n"
-        ]));
-    }
-
-    #[test]
-    fn head_scan_gives_the_same_answer_one_byte_at_a_time() {
-        let long = format!("X-Long: {}\r\n", "v".repeat(5000));
-        let heads = [
-            (
-                format!("POST / HTTP/1.1\r\n{long}Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"),
-                true,
-            ),
-            (
-                format!("POST / HTTP/1.1\r\nTransfer-Encoding-X: chunked\r\n{long}Content-Length: 5\r\n\r\n"),
-                false,
-            ),
-            (
-                "GET / HTTP/1.1\r\nHost: a\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n".to_owned(),
-                false,
-            ),
-        ];
-        for (head, both) in heads {
-            let bytes: Vec<&[u8]> = head.as_bytes().chunks(1).collect();
-            assert_eq!(scan(&bytes), both, "byte at a time: {head:.60}");
-            assert_eq!(scan(&[head.as_bytes()]), both, "at once: {head:.60}");
+    loop {
+        let wait = match activity.check(settings.header_read_timeout, settings.idle_timeout) {
+            Ok(wait) => wait,
+            Err(reason) => {
+                tracing::debug!(reason, "closing connection");
+                return None;
+            }
+        };
+        tokio::select! {
+            r = conn.as_mut() => return Some(r),
+            _ = shutdown.changed(), if !draining => {
+                draining = true;
+                if on_drain(conn.as_mut()) {
+                    return None;
+                }
+            }
+            _ = tokio::time::sleep(wait) => {}
         }
+    }
+}
+
+/// A stream whose first bytes were already read: they are read again first (HTTP/2 reads its
+/// preface itself).
+struct Prefixed<S> {
+    prefix: Bytes,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

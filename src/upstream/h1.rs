@@ -15,7 +15,8 @@
 
 use super::pool::Pool;
 use crate::body::{BodyError, RequestBody};
-use bytes::{Buf, Bytes, BytesMut};
+use crate::framing::{Chunk, ChunkError, Step, chunk_step, last_token_is, parse_length};
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -31,8 +32,6 @@ use tokio::net::TcpStream;
 pub const MAX_HEAD: usize = 64 * 1024;
 /// The most response headers accepted.
 pub const MAX_HEADERS: usize = 128;
-const MAX_CHUNK_LINE: usize = 4096;
-const MAX_TRAILERS: usize = 16 * 1024;
 const MIN_READ: usize = 8 * 1024;
 const MAX_READ: usize = 256 * 1024;
 /// The most 1xx heads skipped before the final one.
@@ -63,7 +62,7 @@ pub enum H1Error {
     BodyCut,
     /// The chunked body broke the protocol.
     #[error("invalid chunked body: {0}")]
-    InvalidChunk(&'static str),
+    InvalidChunk(#[from] ChunkError),
     /// Reading the client's request body failed (too large, or the client's connection).
     #[error("request body")]
     RequestBody(#[source] Box<BodyError>),
@@ -585,37 +584,6 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, H1E
     Ok(Some(Parsed::Final(resp, framing, !close)))
 }
 
-/// A Content-Length value: digits, or a list of equal digit strings.
-fn parse_length(v: &[u8]) -> Option<u64> {
-    let mut out = None;
-    for part in v.split(|&b| b == b',') {
-        let part = part.trim_ascii();
-        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        let n = part.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
-        if out.is_some_and(|o| o != n) {
-            return None;
-        }
-        out = Some(n);
-    }
-    out
-}
-
-fn last_token_is(v: &[u8], token: &[u8]) -> bool {
-    v.rsplit(|&b| b == b',')
-        .next()
-        .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-}
-
-#[derive(Clone, Copy, PartialEq, Debug)]
-enum Chunk {
-    Size,
-    Data(u64),
-    DataEnd,
-    Trailers(usize),
-}
-
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum State {
     Length(u64),
@@ -652,91 +620,6 @@ impl UpstreamBody {
         self.state = State::Broken;
         self.conn = None;
         Poll::Ready(Some(Err(e)))
-    }
-}
-
-/// What one step of chunked decoding found.
-enum Step {
-    Data(Bytes),
-    More,
-    Again,
-    End,
-}
-
-fn chunk_step(buf: &mut BytesMut, chunk: &mut Chunk) -> Result<Step, H1Error> {
-    match *chunk {
-        Chunk::Size => {
-            let Some(nl) = memchr::memchr(b'\n', buf) else {
-                if buf.len() > MAX_CHUNK_LINE {
-                    return Err(H1Error::InvalidChunk("chunk size line too long"));
-                }
-                return Ok(Step::More);
-            };
-            if nl == 0 || buf[nl - 1] != b'\r' {
-                return Err(H1Error::InvalidChunk("chunk size line not ended by CRLF"));
-            }
-            let line = &buf[..nl - 1];
-            let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-            let rest = &line[digits..];
-            if digits == 0
-                || digits > 16
-                || !(rest.is_empty() || matches!(rest[0], b';' | b' ' | b'\t'))
-            {
-                return Err(H1Error::InvalidChunk("invalid chunk size"));
-            }
-            let size = line[..digits].iter().fold(0u64, |n, &d| {
-                (n << 4) | u64::from((d as char).to_digit(16).unwrap_or(0))
-            });
-            buf.advance(nl + 1);
-            *chunk = if size == 0 {
-                Chunk::Trailers(0)
-            } else {
-                Chunk::Data(size)
-            };
-            Ok(Step::Again)
-        }
-        Chunk::Data(rem) => {
-            if buf.is_empty() {
-                return Ok(Step::More);
-            }
-            let n = rem.min(buf.len() as u64);
-            let data = buf.split_to(n as usize).freeze();
-            *chunk = if n == rem {
-                Chunk::DataEnd
-            } else {
-                Chunk::Data(rem - n)
-            };
-            Ok(Step::Data(data))
-        }
-        Chunk::DataEnd => {
-            if buf.len() < 2 {
-                return Ok(Step::More);
-            }
-            if &buf[..2] != b"\r\n" {
-                return Err(H1Error::InvalidChunk("chunk data not followed by CRLF"));
-            }
-            buf.advance(2);
-            *chunk = Chunk::Size;
-            Ok(Step::Again)
-        }
-        Chunk::Trailers(seen) => {
-            let Some(nl) = memchr::memchr(b'\n', buf) else {
-                if seen + buf.len() > MAX_TRAILERS {
-                    return Err(H1Error::InvalidChunk("trailers too long"));
-                }
-                return Ok(Step::More);
-            };
-            let empty = nl == 1 && buf[0] == b'\r';
-            buf.advance(nl + 1);
-            if empty {
-                return Ok(Step::End);
-            }
-            if seen + nl + 1 > MAX_TRAILERS {
-                return Err(H1Error::InvalidChunk("trailers too long"));
-            }
-            *chunk = Chunk::Trailers(seen + nl + 1);
-            Ok(Step::Again)
-        }
     }
 }
 
@@ -783,7 +666,7 @@ impl Body for UpstreamBody {
                         return Poll::Ready(None);
                     }
                     Ok(Step::More) => {}
-                    Err(e) => return this.fail(e),
+                    Err(e) => return this.fail(e.into()),
                 },
             }
             match conn.poll_fill(cx) {
@@ -917,70 +800,5 @@ mod tests {
             ),
             Ok(Some(Parsed::Informational))
         ));
-    }
-
-    /// Decodes a chunked body fed `step` bytes at a time.
-    fn dechunk(wire: &[u8], step: usize) -> Result<(Vec<u8>, Vec<u8>), H1Error> {
-        let mut buf = BytesMut::new();
-        let mut chunk = Chunk::Size;
-        let mut out = Vec::new();
-        let mut fed = 0;
-        loop {
-            match chunk_step(&mut buf, &mut chunk)? {
-                Step::Data(d) => out.extend_from_slice(&d),
-                Step::Again => {}
-                Step::End => return Ok((out, buf.to_vec())),
-                Step::More => {
-                    if fed == wire.len() {
-                        return Err(H1Error::BodyCut);
-                    }
-                    let n = step.min(wire.len() - fed);
-                    buf.extend_from_slice(&wire[fed..fed + n]);
-                    fed += n;
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn chunked_bodies_decode_at_any_split() {
-        let wire = b"5\r\nhello\r\n1;ext=1\r\n \r\nA\r\n0123456789\r\n0\r\nX-T: 1\r\n\r\nNEXT";
-        for step in [1, 2, 3, 7, wire.len()] {
-            let (body, rest) = dechunk(wire, step).unwrap();
-            assert_eq!(body, b"hello 0123456789", "step {step}");
-            if step == wire.len() {
-                assert_eq!(rest, b"NEXT");
-            }
-        }
-    }
-
-    #[test]
-    fn bad_chunks_are_errors() {
-        for wire in [
-            &b"g\r\nhello\r\n0\r\n\r\n"[..],
-            b"5\nhello\r\n0\r\n\r\n",
-            b"5\r\nhelloXX0\r\n\r\n",
-            b"11111111111111111\r\n",
-            b"5\r\nhel",
-        ] {
-            assert!(
-                dechunk(wire, 1).is_err(),
-                "{:?}",
-                String::from_utf8_lossy(wire)
-            );
-        }
-        let long = vec![b'1'; MAX_CHUNK_LINE + 10];
-        assert!(dechunk(&long, MAX_CHUNK_LINE + 10).is_err());
-    }
-
-    #[test]
-    fn lengths_and_tokens() {
-        assert_eq!(parse_length(b"12"), Some(12));
-        assert_eq!(parse_length(b" 3 , 3"), Some(3));
-        assert_eq!(parse_length(b"3,4"), None);
-        assert_eq!(parse_length(b""), None);
-        assert_eq!(parse_length(b"+3"), None);
-        assert!(last_token_is(b"gzip, Chunked", b"chunked"));
-        assert!(!last_token_is(b"chunked, gzip", b"chunked"));
     }
 }

@@ -60,6 +60,13 @@ pub enum UpstreamError {
         /// When one may be available again.
         retry_after: Duration,
     },
+    /// The client's request body failed while being sent (broken framing, the client gone, or
+    /// not sent within `timeout`): not the replica's doing.
+    #[error("the client's request body failed: {reason}")]
+    ClientBody {
+        /// What went wrong.
+        reason: String,
+    },
     /// The exchange failed after connecting (reset, malformed response, closed early).
     #[error("{replica} failed: {reason}")]
     Failed {
@@ -78,7 +85,9 @@ impl UpstreamError {
             UpstreamError::Connect { .. } => Some(Outcome::Connect),
             UpstreamError::Timeout { .. } => Some(Outcome::Timeout),
             UpstreamError::Failed { .. } => Some(Outcome::Error),
-            UpstreamError::BodyTooLarge { .. } | UpstreamError::NoReplica { .. } => None,
+            UpstreamError::BodyTooLarge { .. }
+            | UpstreamError::ClientBody { .. }
+            | UpstreamError::NoReplica { .. } => None,
         }
     }
 }
@@ -666,6 +675,7 @@ impl Upstream {
                 .unwrap_or(http::uri::PathAndQuery::from_static("/"));
             *req.uri_mut() = http::Uri::from(path);
         }
+        let body_sent = req.body().sent();
         let started = Instant::now();
         let exchange = replica.pool.send(req, self.spec.connect_timeout);
         let exchanged = tokio::time::timeout(self.spec.timeout, exchange).await;
@@ -678,6 +688,15 @@ impl Upstream {
                 Ok(resp)
             }
             Ok(Err(e)) => Err(Self::classify(replica, e)),
+            Err(_)
+                if body_sent
+                    .as_ref()
+                    .is_some_and(|s| !s.load(Ordering::Relaxed)) =>
+            {
+                Err(UpstreamError::ClientBody {
+                    reason: format!("not sent within {:?}", self.spec.timeout),
+                })
+            }
             Err(_) => {
                 replica.timeouts.inc();
                 Err(UpstreamError::Timeout {
@@ -706,10 +725,16 @@ impl Upstream {
     }
 
     fn classify(replica: &Replica, e: PoolError) -> UpstreamError {
-        if let PoolError::Http(h1::H1Error::RequestBody(b)) = &e
-            && let BodyError::TooLarge { limit } = **b
-        {
-            return UpstreamError::BodyTooLarge { limit };
+        if let PoolError::Http(h1::H1Error::RequestBody(b)) = &e {
+            match **b {
+                BodyError::TooLarge { limit } => return UpstreamError::BodyTooLarge { limit },
+                BodyError::Client(_) | BodyError::Transport(_) | BodyError::ClientStalled(_) => {
+                    return UpstreamError::ClientBody {
+                        reason: error_chain(&**b),
+                    };
+                }
+                BodyError::UpstreamStalled(_) | BodyError::Upstream(_) => {}
+            }
         }
         match e {
             PoolError::Connect(reason) => {
