@@ -1,15 +1,24 @@
 //! The memory tier: a moka cache (TinyLFU admission, size-aware eviction) of every variant of
 //! a URL, bounded by `cache.memory` bytes. A URL's variants live together so that invalidating
 //! the URL removes all of them with one key; each entry expires when its last stale window ends.
+//!
+//! Expiry is Palisade's, not moka's: moka removes every entry that expired in one maintenance
+//! run, on whichever thread runs it, so 100,000 entries stored together and expiring together
+//! stalled a request for over 100 ms. Here each stored URL's expiry time goes to a queue that
+//! the housekeeping thread ([`MemoryStore::sweep`]) works through at most [`SWEEP_BATCH`]
+//! entries at a time; until then, an entry past its expiry is never served.
 
 use super::key::CacheKey;
 use super::policy::Freshness;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use moka::notification::RemovalCause;
+use moka::ops::compute::Op;
 use prometheus::IntCounter;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::collections::BTreeMap;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// Most variants (distinct `Vary` values) kept per URL; the oldest is dropped past it.
 pub const MAX_VARIANTS: usize = 8;
@@ -20,6 +29,20 @@ const HEADER_SLOT: usize = 128;
 /// counts, the cache's hash-table slot, deque and timer nodes, its key twice over, and
 /// allocator rounding.
 const ENTRY_OVERHEAD: usize = 800;
+
+/// Most expired URLs one [`MemoryStore::sweep`] removes.
+pub const SWEEP_BATCH: usize = 256;
+/// Expiry times on their way from stores to the sweeper (it takes them every
+/// [`super::HOUSEKEEPING_EVERY`]); past this many a store's time is dropped, and its entry
+/// leaves by eviction or when stored again. A waiting time holds its URL's key bytes (about
+/// 60), also after the entry was evicted, until the time comes.
+const EXPIRY_QUEUE: usize = 4096;
+/// Key bytes the sweeper keeps waiting; past this, new times are dropped (as above).
+const MAX_DUE_BYTES: usize = 8 << 20;
+/// The size of the sweeper's key chunks.
+const CHUNK_BYTES: usize = 16 << 10;
+/// The sweeper's time resolution: a URL leaves within this long after its expiry.
+const BUCKET_MS: u64 = 1000;
 
 /// How long past its stale windows an entry with a validator is kept for revalidation.
 pub const REVALIDATE_GRACE: Duration = Duration::from_secs(600);
@@ -195,30 +218,24 @@ pub enum Found {
     None,
 }
 
-struct Expiry;
-
-impl moka::Expiry<Arc<str>, Arc<Variants>> for Expiry {
-    fn expire_after_create(&self, _: &Arc<str>, v: &Arc<Variants>, _: Instant) -> Option<Duration> {
-        Some(Duration::from_millis(
-            v.useless_after_ms().saturating_sub(super::policy::now_ms()),
-        ))
-    }
-    fn expire_after_update(
-        &self,
-        _: &Arc<str>,
-        v: &Arc<Variants>,
-        _: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(Duration::from_millis(
-            v.useless_after_ms().saturating_sub(super::policy::now_ms()),
-        ))
-    }
-}
-
 /// The memory tier.
 pub struct MemoryStore {
     cache: moka::sync::Cache<Arc<str>, Arc<Variants>, foldhash::quality::RandomState>,
+    expiries: SyncSender<(u64, Arc<str>)>,
+    sweeper: Mutex<Sweeper>,
+}
+
+/// The sweeper's side of the expiry queue. Keys are copied, by the second they expire in,
+/// into fixed-size chunks (a length, then the bytes), so that the keys of URLs evicted before
+/// they expire take little room and pin no allocations of their own.
+struct Sweeper {
+    incoming: Receiver<(u64, Arc<str>)>,
+    due: BTreeMap<u64, Vec<Vec<u8>>>,
+    /// The chunk being swept, and how far.
+    current: Vec<u8>,
+    at: usize,
+    /// Bytes held in `due` and `current`.
+    bytes: usize,
 }
 
 impl MemoryStore {
@@ -227,19 +244,106 @@ impl MemoryStore {
         let cache = moka::sync::Cache::builder()
             .max_capacity(budget)
             .weigher(|_, v: &Arc<Variants>| v.weight())
-            .expire_after(Expiry)
             .eviction_listener(move |_, _, cause| {
                 if cause == RemovalCause::Size {
                     evictions.inc();
                 }
             })
             .build_with_hasher(foldhash::quality::RandomState::default());
-        MemoryStore { cache }
+        let (expiries, incoming) = sync_channel(EXPIRY_QUEUE);
+        MemoryStore {
+            cache,
+            expiries,
+            sweeper: Mutex::new(Sweeper {
+                incoming,
+                due: BTreeMap::new(),
+                current: Vec::new(),
+                at: 0,
+                bytes: 0,
+            }),
+        }
+    }
+
+    /// Stored variants, unless all of them are past their last window.
+    fn live(&self, key: &str) -> Option<Arc<Variants>> {
+        self.cache
+            .get(key)
+            .filter(|v| v.useless_after_ms() > super::policy::now_ms())
+    }
+
+    /// Tells the sweeper when `key`'s variants expire.
+    fn schedule(&self, key: Arc<str>, variants: &Variants) {
+        let _ = self.expiries.try_send((variants.useless_after_ms(), key));
+    }
+
+    /// Removes up to [`SWEEP_BATCH`] URLs whose variants are all past their last window at
+    /// `now_ms` (one stored again since is left alone). Returns whether more are due.
+    pub fn sweep(&self, now_ms: u64) -> bool {
+        let mut sweeper = self.sweeper.lock().unwrap_or_else(|e| e.into_inner());
+        let sweeper = &mut *sweeper;
+        for (at, key) in sweeper.incoming.try_iter() {
+            let Ok(len) = u16::try_from(key.len()) else {
+                continue;
+            };
+            if sweeper.bytes + key.len() + 2 > MAX_DUE_BYTES {
+                continue;
+            }
+            sweeper.bytes += key.len() + 2;
+            let bucket = sweeper.due.entry(at.div_ceil(BUCKET_MS)).or_default();
+            if bucket
+                .last()
+                .is_none_or(|c| c.capacity() - c.len() < key.len() + 2)
+            {
+                bucket.push(Vec::with_capacity(CHUNK_BYTES.max(key.len() + 2)));
+            }
+            let chunk = bucket.last_mut().expect("a chunk with room");
+            chunk.extend_from_slice(&len.to_le_bytes());
+            chunk.extend_from_slice(key.as_bytes());
+        }
+        let mut removed = 0;
+        while removed < SWEEP_BATCH {
+            if sweeper.at >= sweeper.current.len() {
+                sweeper.bytes -= sweeper.current.len();
+                sweeper.current = Vec::new();
+                sweeper.at = 0;
+                match sweeper.due.first_entry() {
+                    Some(mut bucket) if *bucket.key() * BUCKET_MS <= now_ms => {
+                        sweeper.current = bucket.get_mut().pop().unwrap_or_default();
+                        if bucket.get().is_empty() {
+                            bucket.remove();
+                        }
+                    }
+                    _ => return false,
+                }
+            }
+            let at = sweeper.at;
+            let len = usize::from(u16::from_le_bytes([
+                sweeper.current[at],
+                sweeper.current[at + 1],
+            ]));
+            sweeper.at = at + 2 + len;
+            let Ok(key) = std::str::from_utf8(&sweeper.current[at + 2..at + 2 + len]) else {
+                continue;
+            };
+            let _ = self
+                .cache
+                .entry(Arc::from(key))
+                .and_compute_with(|e| match e {
+                    Some(e) if e.value().useless_after_ms() <= now_ms => Op::Remove,
+                    _ => Op::Nop,
+                });
+            removed += 1;
+        }
+        sweeper.at < sweeper.current.len()
+            || sweeper
+                .due
+                .first_key_value()
+                .is_some_and(|(&b, _)| b * BUCKET_MS <= now_ms)
     }
 
     /// The variant stored for `key` that `req`'s headers select.
     pub fn find(&self, key: &CacheKey, req: &HeaderMap) -> Found {
-        match self.cache.get(key.as_str()) {
+        match self.live(key.as_str()) {
             None => Found::None,
             Some(v) => match v.entries.iter().find(|e| e.selected_by(req)) {
                 Some(e) => Found::Entry(e.clone()),
@@ -250,14 +354,15 @@ impl MemoryStore {
 
     /// Every variant of `key`.
     pub fn variants(&self, key: &CacheKey) -> Option<Arc<Variants>> {
-        self.cache.get(key.as_str())
+        self.live(key.as_str())
     }
 
     /// Adds or replaces one variant; returns the URL's variants as now stored.
     pub fn insert(&self, key: &CacheKey, entry: Arc<CachedResponse>) -> Arc<Variants> {
+        let name: Arc<str> = Arc::from(key.as_str());
         let v = self
             .cache
-            .entry(Arc::from(key.as_str()))
+            .entry(name.clone())
             .and_upsert_with(|old| match old {
                 Some(old) => Arc::new(old.into_value().with(entry)),
                 None => Arc::new(Variants {
@@ -266,11 +371,12 @@ impl MemoryStore {
                 }),
             })
             .into_value();
+        self.schedule(name, &v);
         self.settle();
         v
     }
 
-    /// Applies pending evictions and expiries now: moka batches them, and a batch of large
+    /// Applies pending evictions and removals now: moka batches them, and a batch of large
     /// bodies stored before it runs would overshoot the byte budget.
     pub fn settle(&self) {
         self.cache.run_pending_tasks();
@@ -278,8 +384,9 @@ impl MemoryStore {
 
     /// Stores all variants of a URL at once (a fill from the shared tier).
     pub fn fill(&self, variants: Arc<Variants>) {
-        self.cache
-            .insert(Arc::from(variants.key.as_str()), variants);
+        let name: Arc<str> = Arc::from(variants.key.as_str());
+        self.schedule(name.clone(), &variants);
+        self.cache.insert(name, variants);
     }
 
     /// Removes a URL's variants; whether there were any.
@@ -304,5 +411,76 @@ impl MemoryStore {
     /// URLs stored and their weight in bytes, as of the last housekeeping run.
     pub fn usage(&self) -> (u64, u64) {
         (self.cache.entry_count(), self.cache.weighted_size())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(stored_at_ms: u64, fresh_ms: u64) -> Arc<CachedResponse> {
+        Arc::new(CachedResponse {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Bytes::from_static(b"body"),
+            freshness: Freshness {
+                stored_at_ms,
+                fresh_ms,
+                swr_ms: 0,
+                sie_ms: 0,
+            },
+            vary: Vec::new(),
+        })
+    }
+
+    fn key(i: usize) -> CacheKey {
+        CacheKey::from_parts(format!("r|h/{i}"), 3)
+    }
+
+    #[test]
+    fn expired_urls_leave_a_batch_at_a_time_and_restored_ones_stay() {
+        let store = MemoryStore::new(64 << 20, IntCounter::new("e", "e").unwrap());
+        let now = super::super::policy::now_ms();
+        let n = SWEEP_BATCH * 3 + 10;
+        for i in 0..n {
+            store.insert(&key(i), entry(now - 10_000, 5_000));
+        }
+        // Stored again with a later expiry: its first, earlier time must not remove it.
+        store.insert(&key(0), entry(now, 60_000));
+        assert!(matches!(
+            store.find(&key(0), &HeaderMap::new()),
+            Found::Entry(_)
+        ));
+        assert!(
+            matches!(store.find(&key(1), &HeaderMap::new()), Found::None),
+            "expired entries are never found"
+        );
+        store.settle();
+        assert_eq!(
+            store.usage().0,
+            n as u64,
+            "nothing is removed before a sweep"
+        );
+
+        let mut sweeps = 0;
+        let mut left = vec![store.usage().0];
+        while store.sweep(now) {
+            store.settle();
+            sweeps += 1;
+            left.push(store.usage().0);
+            assert!(sweeps < 10);
+        }
+        store.settle();
+        left.push(store.usage().0);
+        assert_eq!(sweeps, 3, "{left:?}");
+        assert!(
+            left.windows(2).all(|w| w[0] - w[1] <= SWEEP_BATCH as u64),
+            "{left:?}"
+        );
+        assert_eq!(store.usage().0, 1, "{left:?}");
+        assert!(matches!(
+            store.find(&key(0), &HeaderMap::new()),
+            Found::Entry(_)
+        ));
     }
 }

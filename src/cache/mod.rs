@@ -168,13 +168,20 @@ pub struct ResponseCache {
 
 /// How often the memory tier's housekeeping runs off the request path.
 pub const HOUSEKEEPING_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+/// The pause between two sweeps of expired entries while more are due.
+pub const SWEEP_PAUSE: std::time::Duration = std::time::Duration::from_millis(2);
+/// The housekeeping thread's niceness.
+const HOUSEKEEPING_NICE: libc::c_int = 10;
 
 impl ResponseCache {
     /// A cache with `memory` bytes of budget; bodies over `max_object_size` are not stored.
     ///
     /// A thread of its own runs the memory tier's housekeeping (expiry, eviction) every
-    /// [`HOUSEKEEPING_EVERY`], so that a wave of expiring entries is removed there instead of in
-    /// one long batch on a request's worker thread; it ends when the cache is dropped.
+    /// [`HOUSEKEEPING_EVERY`], and every [`SWEEP_PAUSE`] while expired entries wait, a batch
+    /// at a time, so that a wave of expiring entries is removed there, spread out, instead of
+    /// in one long batch on a request's worker thread. It runs at a lower priority (nice
+    /// [`HOUSEKEEPING_NICE`]), so under a CPU quota the workers come first. It ends when the
+    /// cache is dropped.
     pub fn new(memory: u64, max_object_size: u64, metrics: &Metrics) -> Arc<Self> {
         let cache = Arc::new(ResponseCache {
             memory: MemoryStore::new(
@@ -191,10 +198,23 @@ impl ResponseCache {
         let spawned = std::thread::Builder::new()
             .name("cache-housekeeping".into())
             .spawn(move || {
+                // SAFETY: setpriority on this thread's id only changes its own scheduling weight.
+                unsafe {
+                    libc::setpriority(
+                        libc::PRIO_PROCESS,
+                        libc::gettid() as libc::id_t,
+                        HOUSEKEEPING_NICE,
+                    )
+                };
                 while let Some(cache) = weak.upgrade() {
+                    let more = cache.memory.sweep(now_ms());
                     cache.memory.settle();
                     drop(cache);
-                    std::thread::sleep(HOUSEKEEPING_EVERY);
+                    std::thread::sleep(if more {
+                        SWEEP_PAUSE
+                    } else {
+                        HOUSEKEEPING_EVERY
+                    });
                 }
             });
         if let Err(e) = spawned {
