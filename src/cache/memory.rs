@@ -114,6 +114,14 @@ impl CachedResponse {
         f.stored_at_ms + f.fresh_ms + f.swr_ms.max(f.sie_ms).max(grace)
     }
 
+    /// Whether it may still be served or revalidated at `now_ms` (before
+    /// [`Self::useless_after_ms`]); looks at its validators only past its stale windows.
+    pub fn is_useful_at(&self, now_ms: u64) -> bool {
+        let f = &self.freshness;
+        let windows = f.stored_at_ms + f.fresh_ms + f.swr_ms.max(f.sie_ms);
+        now_ms < windows || now_ms < self.useless_after_ms()
+    }
+
     /// Its ETag, if any.
     pub fn etag(&self) -> Option<&HeaderValue> {
         self.headers.get(header::ETAG)
@@ -268,7 +276,10 @@ impl MemoryStore {
     fn live(&self, key: &str) -> Option<Arc<Variants>> {
         self.cache
             .get(key)
-            .filter(|v| v.useless_after_ms() > super::policy::now_ms())
+            .filter(|v| {
+                let now = super::policy::now_ms();
+                v.entries.iter().any(|e| e.is_useful_at(now))
+            })
     }
 
     /// Tells the sweeper when `key`'s variants expire.
