@@ -2,6 +2,9 @@
 //! `[server.tls]` ports the same after a TLS handshake, h2 or http/1.1 by ALPN), bound the
 //! number of open connections, cut off idle and slow clients, and drain on shutdown.
 //!
+//! The first bytes of a connection pick its protocol: HTTP/2's connection preface goes to
+//! hyper's HTTP/2 server, anything else to Palisade's own HTTP/1.1 side ([`h1`]).
+//!
 //! A TLS handshake must finish within `header_read_timeout`, and holds a connection slot while
 //! it runs; each handshake uses the certificates of the snapshot current when it starts, so a
 //! reload's new certificates apply to the next connection.
