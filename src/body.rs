@@ -95,7 +95,7 @@ pub struct RequestBody {
     pending: Option<Bytes>,
     seen: u64,
     limit: u64,
-    sent: Option<Arc<AtomicBool>>,
+    waiting: Option<Arc<AtomicBool>>,
 }
 
 impl RequestBody {
@@ -107,7 +107,7 @@ impl RequestBody {
             pending: None,
             seen: 0,
             limit,
-            sent: Some(Arc::new(AtomicBool::new(false))),
+            waiting: Some(Arc::new(AtomicBool::new(false))),
         }
     }
 
@@ -124,7 +124,7 @@ impl RequestBody {
             pending: (!bytes.is_empty()).then_some(bytes),
             seen: 0,
             limit: 0,
-            sent: None,
+            waiting: None,
         }
     }
 
@@ -136,10 +136,11 @@ impl RequestBody {
         Some(self.pending.take().unwrap_or_default())
     }
 
-    /// For a streamed body, a flag set once the client's body has been read to its end (so
-    /// that a timeout before then is not blamed on the replica); `None` for a body in memory.
-    pub fn sent(&self) -> Option<Arc<AtomicBool>> {
-        self.sent.clone()
+    /// For a streamed body, a flag that is set while the body waits for the client's next
+    /// bytes (so that a timeout then is the client's doing, not the replica's); `None` for a
+    /// body in memory.
+    pub fn waiting(&self) -> Option<Arc<AtomicBool>> {
+        self.waiting.clone()
     }
 
     /// The same body again, if it is held in memory.
@@ -190,7 +191,11 @@ impl Body for RequestBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        match ready!(Pin::new(inner).poll_frame(cx)) {
+        let polled = Pin::new(inner).poll_frame(cx);
+        if let Some(waiting) = &this.waiting {
+            waiting.store(polled.is_pending(), Ordering::Relaxed);
+        }
+        match ready!(polled) {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     this.seen += data.len() as u64;
@@ -202,12 +207,7 @@ impl Body for RequestBody {
                 Poll::Ready(Some(Ok(frame)))
             }
             Some(Err(e)) => Poll::Ready(Some(Err(e))),
-            None => {
-                if let Some(sent) = &this.sent {
-                    sent.store(true, Ordering::Relaxed);
-                }
-                Poll::Ready(None)
-            }
+            None => Poll::Ready(None),
         }
     }
 

@@ -482,3 +482,121 @@ async fn an_absolute_form_target_is_routed_by_its_authority() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_body_ended_by_the_connection_ends_with_a_reset() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    bounded(30, async {
+        // A chunked body of unknown length that the replica cuts after one chunk.
+        let up = ScriptedUpstream::start(|_, _| {
+            Script::AnswerAndClose(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n".to_vec(),
+            )
+        });
+        let p = Palisade::start(&simple_config("", "", &[up.url()])).await;
+        // HTTP/1.0 has no chunked coding: the body ends with the connection, so only a reset
+        // tells the client that it was cut.
+        let mut s = tokio::net::TcpStream::connect(p.public).await.unwrap();
+        s.write_all(b"GET /cut HTTP/1.0\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let end = loop {
+            match tokio::time::timeout(SECS10, s.read(&mut buf)).await {
+                Err(_) => panic!("no end within 10 s: {}", String::from_utf8_lossy(&got)),
+                Ok(Ok(0)) => break Ok(()),
+                Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                Ok(Err(e)) => break Err(e.kind()),
+            }
+        };
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset), "{text}");
+
+        // HTTP/1.1: the body is chunked, and the missing last chunk says it was cut.
+        let mut raw = Raw::connect(p.public).await;
+        raw.send(b"GET /cut HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let head = raw.read_head(SECS10).await.unwrap();
+        assert_eq!(
+            head.header("transfer-encoding"),
+            Some("chunked"),
+            "{}",
+            head.raw
+        );
+        let (rest, end) = raw.read_to_end(SECS10).await;
+        assert_eq!(end, ReadEnd::Closed);
+        assert!(
+            !String::from_utf8_lossy(&rest).contains("0\r\n\r\n"),
+            "{}",
+            String::from_utf8_lossy(&rest)
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_stops_reading_a_body_is_the_one_blamed() {
+    bounded(30, async {
+        // Accepts and never reads: the upload stops at full socket buffers, on the replica's side.
+        let up = Upstream::hanging();
+        let p = Palisade::start(&simple_config(
+            "max_request_body = \"64MiB\"",
+            "timeout = \"1s\"",
+            &[up.url()],
+        ))
+        .await;
+        let mut raw = Raw::connect(p.public).await;
+        let size = 48u64 << 20;
+        raw.send(
+            format!("POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let chunk = vec![b'a'; 1 << 20];
+        let send = async {
+            for _ in 0..(size >> 20) {
+                if raw.send(&chunk).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(3), send).await;
+        let (head, body) = raw.read_response(SECS10, false).await.unwrap();
+        assert_eq!((head.status, json_code(&body)), (504, 504), "{}", head.raw);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_request_content_length_goes_upstream_once() {
+    bounded(30, async {
+        let up = Upstream::start("u");
+        let p = Palisade::start(&simple_config("", "", &[up.url()])).await;
+        for lengths in [
+            "Content-Length: 5\r\nContent-Length: 5\r\n",
+            "Content-Length: 5, 5\r\n",
+        ] {
+            let mut raw = Raw::connect(p.public).await;
+            raw.send(format!("POST /cl HTTP/1.1\r\nHost: x\r\n{lengths}\r\nhello").as_bytes())
+                .await
+                .unwrap();
+            let (head, _) = raw.read_response(SECS10, false).await.unwrap();
+            assert_eq!(head.status, 200, "{}", head.raw);
+        }
+        for seen in up.seen() {
+            let cl: Vec<_> = seen
+                .headers
+                .iter()
+                .filter(|(k, _)| k == "content-length")
+                .collect();
+            assert_eq!(cl.len(), 1, "{:?}", seen.headers);
+            assert_eq!(cl[0].1, "5");
+            assert_eq!((seen.received, seen.complete), (5, true));
+        }
+        assert_eq!(up.seen().len(), 2);
+    })
+    .await;
+}

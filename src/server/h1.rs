@@ -92,7 +92,7 @@ pub async fn serve<S, C, F, R>(
     call: C,
     reject: R,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Reset + Unpin,
     C: Fn(Request<ClientBody>) -> F,
     F: Future<Output = Response<ResponseBody>>,
     R: Fn(ProxyError) -> Response<ResponseBody>,
@@ -103,9 +103,38 @@ pub async fn serve<S, C, F, R>(
         out: Vec::with_capacity(1024),
         limits,
     };
-    if let Err(e) = conn.run(activity, &call, &reject).await {
-        tracing::debug!(error = %e, "client connection ended with an error");
+    match conn.run(activity, &call, &reject).await {
+        Ok(Ending::Closed) => {}
+        Ok(Ending::Reset) => conn.io.reset(),
+        Err(e) => tracing::debug!(error = %e, "client connection ended with an error"),
     }
+}
+
+/// How a connection ended.
+enum Ending {
+    /// Closed cleanly (or by the client).
+    Closed,
+    /// To be reset: the last response was cut where a clean close would make it look whole.
+    Reset,
+}
+
+/// What becomes of the connection after a response.
+enum After {
+    Keep,
+    Close,
+    Reset,
+}
+
+impl From<bool> for After {
+    fn from(close: bool) -> Self {
+        if close { After::Close } else { After::Keep }
+    }
+}
+
+/// A client stream that can end with a reset (TCP RST) instead of a clean close.
+pub trait Reset {
+    /// Makes dropping the stream reset the connection.
+    fn reset(&self);
 }
 
 struct Conn<S> {
@@ -145,7 +174,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         activity: &ConnActivity,
         call: &C,
         reject: &R,
-    ) -> io::Result<()>
+    ) -> io::Result<Ending>
     where
         C: Fn(Request<ClientBody>) -> F,
         F: Future<Output = Response<ResponseBody>>,
@@ -154,7 +183,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         loop {
             let parsed = match self.read_head().await? {
                 Some(p) => p,
-                None => return Ok(()),
+                None => return Ok(Ending::Closed),
             };
             let (req, info, channel) = match parsed {
                 Parsed::Request(req, info, channel) => (req, info, channel),
@@ -169,7 +198,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                         body: None,
                     };
                     self.write_response(resp, &info, true).await?;
-                    return self.linger().await;
+                    self.linger().await?;
+                    return Ok(Ending::Closed);
                 }
             };
             let mut feed = channel.map(|channel| Feed {
@@ -208,9 +238,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 || unread
                 || activity.is_draining()
                 || (info.version == Version::HTTP_10 && !info.keep_alive_10);
-            let close = self.write_response(resp, &info, close).await? || close;
-            if close {
-                return self.linger().await;
+            match self.write_response(resp, &info, close).await? {
+                After::Keep if !close => {}
+                After::Reset => return Ok(Ending::Reset),
+                _ => {
+                    self.linger().await?;
+                    return Ok(Ending::Closed);
+                }
             }
         }
     }
@@ -323,9 +357,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             let value = &head[at as usize..(at + n) as usize];
             match name.len() {
                 14 if name.eq_ignore_ascii_case(b"content-length") => {
+                    let repeated = length.is_some();
                     match framing::parse_length(value) {
                         Some(v) if length.is_none_or(|l| l == v) => length = Some(v),
                         _ => bad_length = true,
+                    }
+                    if repeated {
+                        // The same length again: forwarded once.
+                        continue;
+                    }
+                    if let Some(v) = length.filter(|_| !value.iter().all(u8::is_ascii_digit)) {
+                        // A list of equal lengths ("5, 5") goes on as one number.
+                        headers.append(http::header::CONTENT_LENGTH, HeaderValue::from(v));
+                        continue;
                     }
                 }
                 17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
@@ -407,14 +451,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         Ok(Some(Parsed::Request(req, info, channel)))
     }
 
-    /// Writes a response. Returns whether the connection must close afterwards (its body
-    /// failed, or had no length the client could rely on).
+    /// Writes a response. Returns what becomes of the connection: kept, closed (its body had
+    /// no length the client could rely on, or failed where the client sees the cut), or reset
+    /// (its body failed where only a reset tells the client it was cut).
     async fn write_response(
         &mut self,
         resp: Response<ResponseBody>,
         info: &HeadInfo,
         close: bool,
-    ) -> io::Result<bool> {
+    ) -> io::Result<After> {
         let (parts, body) = resp.into_parts();
         let mut body = pin!(body);
         let status = parts.status;
@@ -490,7 +535,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         if matches!(framing, Framing::None | Framing::Declared(_)) {
             self.io.write_all(&self.out).await?;
             self.io.flush().await?;
-            return Ok(close);
+            return Ok(After::from(close));
         }
         let mut left = match framing {
             Framing::Length(n) | Framing::AddLength(n) => Some(n),
@@ -521,7 +566,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                         self.io.write_all(&self.out).await?;
                     }
                     self.io.flush().await?;
-                    return Ok(true);
+                    // Ended by the connection, a cut body would look whole: reset instead.
+                    return Ok(if matches!(framing, Framing::Close) {
+                        After::Reset
+                    } else {
+                        After::Close
+                    });
                 }
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(d) => d,
@@ -548,7 +598,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             head_sent = true;
             if last {
                 if chunked {
-                    return Ok(close);
+                    return Ok(After::from(close));
                 }
                 break;
             }
@@ -559,7 +609,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 self.io.write_all(&self.out).await?;
             }
             self.io.flush().await?;
-            return Ok(true);
+            return Ok(After::Close);
         }
         if chunked {
             if head_sent {
@@ -572,7 +622,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             self.io.write_all(&self.out).await?;
         }
         self.io.flush().await?;
-        Ok(close)
+        Ok(After::from(close))
     }
 
     /// Writes one body chunk (and the head before it, unless it went already), framed as the

@@ -224,6 +224,24 @@ impl<S: AsyncRead + Unpin> AsyncRead for ActivityIo<S> {
     }
 }
 
+impl<S: h1::Reset> h1::Reset for ActivityIo<S> {
+    fn reset(&self) {
+        self.inner.reset();
+    }
+}
+
+impl h1::Reset for TcpStream {
+    fn reset(&self) {
+        let _ = self.set_zero_linger();
+    }
+}
+
+impl h1::Reset for tokio_rustls::server::TlsStream<TcpStream> {
+    fn reset(&self) {
+        let _ = self.get_ref().0.set_zero_linger();
+    }
+}
+
 impl<S: AsyncWrite + Unpin> AsyncWrite for ActivityIo<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
@@ -469,7 +487,7 @@ impl Server {
 
     async fn serve_http<S>(&self, stream: S, peer: SocketAddr, proto: &'static str)
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: AsyncRead + AsyncWrite + h1::Reset + Unpin + Send + 'static,
     {
         let settings = self.shared.snapshot.load().config.server.clone();
         let activity = Arc::new(ConnActivity::new());

@@ -61,7 +61,7 @@ pub enum UpstreamError {
         retry_after: Duration,
     },
     /// The client's request body failed while being sent (broken framing, the client gone, or
-    /// not sent within `timeout`): not the replica's doing.
+    /// still waiting for the client's bytes when `timeout` passed): not the replica's doing.
     #[error("the client's request body failed: {reason}")]
     ClientBody {
         /// What went wrong.
@@ -675,7 +675,7 @@ impl Upstream {
                 .unwrap_or(http::uri::PathAndQuery::from_static("/"));
             *req.uri_mut() = http::Uri::from(path);
         }
-        let body_sent = req.body().sent();
+        let body_waiting = req.body().waiting();
         let started = Instant::now();
         let exchange = replica.pool.send(req, self.spec.connect_timeout);
         let exchanged = tokio::time::timeout(self.spec.timeout, exchange).await;
@@ -689,9 +689,9 @@ impl Upstream {
             }
             Ok(Err(e)) => Err(Self::classify(replica, e)),
             Err(_)
-                if body_sent
+                if body_waiting
                     .as_ref()
-                    .is_some_and(|s| !s.load(Ordering::Relaxed)) =>
+                    .is_some_and(|w| w.load(Ordering::Relaxed)) =>
             {
                 Err(UpstreamError::ClientBody {
                     reason: format!("not sent within {:?}", self.spec.timeout),
