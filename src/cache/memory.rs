@@ -34,15 +34,18 @@ const ENTRY_OVERHEAD: usize = 800;
 pub const SWEEP_BATCH: usize = 256;
 /// Expiry times on their way from stores to the sweeper (it takes them every
 /// [`super::HOUSEKEEPING_EVERY`]); past this many a store's time is dropped, and its entry
-/// leaves by eviction or when stored again. A waiting time holds its URL's key bytes (about
-/// 60), also after the entry was evicted, until the time comes.
-const EXPIRY_QUEUE: usize = 4096;
-/// Key bytes the sweeper keeps waiting; past this, new times are dropped (as above).
+/// then leaves by eviction. A waiting time holds its URL's key bytes (about 60), also after
+/// the entry was evicted, until the time comes. Only a URL's first store sends its time; the
+/// sweep reschedules a URL that was stored again.
+const EXPIRY_QUEUE: usize = 16 * 1024;
+/// Memory the sweeper's key chunks may take; past this, new times are dropped (as above).
 const MAX_DUE_BYTES: usize = 8 << 20;
-/// The size of the sweeper's key chunks.
+/// The largest key chunk, and the first size of one (it doubles as it fills).
 const CHUNK_BYTES: usize = 16 << 10;
-/// The sweeper's time resolution: a URL leaves within this long after its expiry.
+const FIRST_CHUNK: usize = 256;
+/// The sweeper's finest time resolution, for times within [`NEAR_MS`].
 const BUCKET_MS: u64 = 1000;
+const NEAR_MS: u64 = 64_000;
 
 /// How long past its stale windows an entry with a validator is kept for revalidation.
 pub const REVALIDATE_GRACE: Duration = Duration::from_secs(600);
@@ -111,14 +114,19 @@ impl CachedResponse {
         } else {
             0
         };
-        f.stored_at_ms + f.fresh_ms + f.swr_ms.max(f.sie_ms).max(grace)
+        f.stored_at_ms
+            .saturating_add(f.fresh_ms)
+            .saturating_add(f.swr_ms.max(f.sie_ms).max(grace))
     }
 
     /// Whether it may still be served or revalidated at `now_ms` (before
     /// [`Self::useless_after_ms`]); looks at its validators only past its stale windows.
     pub fn is_useful_at(&self, now_ms: u64) -> bool {
         let f = &self.freshness;
-        let windows = f.stored_at_ms + f.fresh_ms + f.swr_ms.max(f.sie_ms);
+        let windows = f
+            .stored_at_ms
+            .saturating_add(f.fresh_ms)
+            .saturating_add(f.swr_ms.max(f.sie_ms));
         now_ms < windows || now_ms < self.useless_after_ms()
     }
 
@@ -233,17 +241,64 @@ pub struct MemoryStore {
     sweeper: Mutex<Sweeper>,
 }
 
-/// The sweeper's side of the expiry queue. Keys are copied, by the second they expire in,
-/// into fixed-size chunks (a length, then the bytes), so that the keys of URLs evicted before
-/// they expire take little room and pin no allocations of their own.
+/// The sweeper's side of the expiry queue. Keys are copied into buckets by when they expire,
+/// as chunks of records (a length, then the bytes), so that the keys of URLs evicted before
+/// they expire take little room and pin no allocations of their own. A bucket spans one
+/// second for times within [`NEAR_MS`], and more (a power of two of seconds, about 1/64 of
+/// the time left) for later ones, so that long windows make few buckets; a URL leaves at the
+/// end of its bucket, which the sweep re-checks.
 struct Sweeper {
     incoming: Receiver<(u64, Arc<str>)>,
+    /// Chunks by the time their bucket ends, in Unix ms.
     due: BTreeMap<u64, Vec<Vec<u8>>>,
     /// The chunk being swept, and how far.
     current: Vec<u8>,
     at: usize,
-    /// Bytes held in `due` and `current`.
+    /// Bytes allocated for chunks (their capacity), `current` included.
     bytes: usize,
+}
+
+impl Sweeper {
+    /// Files `key` to leave at `at` (Unix ms); dropped past [`MAX_DUE_BYTES`].
+    fn record(&mut self, at: u64, key: &str, now_ms: u64) {
+        let Ok(len) = u16::try_from(key.len()) else {
+            return;
+        };
+        let need = key.len() + 2;
+        let width = match at.saturating_sub(now_ms) {
+            left if left <= NEAR_MS => BUCKET_MS,
+            left => (left / 64).next_power_of_two().max(BUCKET_MS),
+        };
+        let end = at.div_ceil(width).saturating_mul(width);
+        let bucket = self.due.entry(end).or_default();
+        match bucket.last_mut() {
+            Some(chunk) if chunk.len() + need <= CHUNK_BYTES.max(need) => {
+                let before = chunk.capacity();
+                if chunk.capacity() - chunk.len() < need
+                    && self.bytes + before.max(need) > MAX_DUE_BYTES
+                {
+                    return;
+                }
+                chunk.extend_from_slice(&len.to_le_bytes());
+                chunk.extend_from_slice(key.as_bytes());
+                self.bytes += chunk.capacity() - before;
+            }
+            _ => {
+                let first = FIRST_CHUNK.max(need);
+                if self.bytes + first > MAX_DUE_BYTES {
+                    if bucket.is_empty() {
+                        self.due.remove(&end);
+                    }
+                    return;
+                }
+                let mut chunk = Vec::with_capacity(first);
+                chunk.extend_from_slice(&len.to_le_bytes());
+                chunk.extend_from_slice(key.as_bytes());
+                self.bytes += chunk.capacity();
+                bucket.push(chunk);
+            }
+        }
+    }
 }
 
 impl MemoryStore {
@@ -274,12 +329,10 @@ impl MemoryStore {
 
     /// Stored variants, unless all of them are past their last window.
     fn live(&self, key: &str) -> Option<Arc<Variants>> {
-        self.cache
-            .get(key)
-            .filter(|v| {
-                let now = super::policy::now_ms();
-                v.entries.iter().any(|e| e.is_useful_at(now))
-            })
+        self.cache.get(key).filter(|v| {
+            let now = super::policy::now_ms();
+            v.entries.iter().any(|e| e.is_useful_at(now))
+        })
     }
 
     /// Tells the sweeper when `key`'s variants expire.
@@ -288,37 +341,22 @@ impl MemoryStore {
     }
 
     /// Removes up to [`SWEEP_BATCH`] URLs whose variants are all past their last window at
-    /// `now_ms` (one stored again since is left alone). Returns whether more are due.
+    /// `now_ms`. A URL stored again since, or whose windows were extended, is kept and
+    /// scheduled again for its new time. Returns whether more are due.
     pub fn sweep(&self, now_ms: u64) -> bool {
         let mut sweeper = self.sweeper.lock().unwrap_or_else(|e| e.into_inner());
         let sweeper = &mut *sweeper;
-        for (at, key) in sweeper.incoming.try_iter() {
-            let Ok(len) = u16::try_from(key.len()) else {
-                continue;
-            };
-            if sweeper.bytes + key.len() + 2 > MAX_DUE_BYTES {
-                continue;
-            }
-            sweeper.bytes += key.len() + 2;
-            let bucket = sweeper.due.entry(at.div_ceil(BUCKET_MS)).or_default();
-            if bucket
-                .last()
-                .is_none_or(|c| c.capacity() - c.len() < key.len() + 2)
-            {
-                bucket.push(Vec::with_capacity(CHUNK_BYTES.max(key.len() + 2)));
-            }
-            let chunk = bucket.last_mut().expect("a chunk with room");
-            chunk.extend_from_slice(&len.to_le_bytes());
-            chunk.extend_from_slice(key.as_bytes());
+        while let Ok((at, key)) = sweeper.incoming.try_recv() {
+            sweeper.record(at, &key, now_ms);
         }
         let mut removed = 0;
         while removed < SWEEP_BATCH {
             if sweeper.at >= sweeper.current.len() {
-                sweeper.bytes -= sweeper.current.len();
+                sweeper.bytes -= sweeper.current.capacity();
                 sweeper.current = Vec::new();
                 sweeper.at = 0;
                 match sweeper.due.first_entry() {
-                    Some(mut bucket) if *bucket.key() * BUCKET_MS <= now_ms => {
+                    Some(mut bucket) if *bucket.key() <= now_ms => {
                         sweeper.current = bucket.get_mut().pop().unwrap_or_default();
                         if bucket.get().is_empty() {
                             bucket.remove();
@@ -336,20 +374,26 @@ impl MemoryStore {
             let Ok(key) = std::str::from_utf8(&sweeper.current[at + 2..at + 2 + len]) else {
                 continue;
             };
-            let _ = self
-                .cache
-                .entry(Arc::from(key))
-                .and_compute_with(|e| match e {
-                    Some(e) if e.value().useless_after_ms() <= now_ms => Op::Remove,
-                    _ => Op::Nop,
-                });
+            let key: Arc<str> = Arc::from(key);
+            let mut later = None;
+            let _ = self.cache.entry(key.clone()).and_compute_with(|e| match e {
+                Some(e) if e.value().useless_after_ms() <= now_ms => Op::Remove,
+                Some(e) => {
+                    later = Some(e.value().useless_after_ms());
+                    Op::Nop
+                }
+                None => Op::Nop,
+            });
+            if let Some(at) = later {
+                sweeper.record(at, &key, now_ms);
+            }
             removed += 1;
         }
         sweeper.at < sweeper.current.len()
             || sweeper
                 .due
                 .first_key_value()
-                .is_some_and(|(&b, _)| b * BUCKET_MS <= now_ms)
+                .is_some_and(|(&b, _)| b <= now_ms)
     }
 
     /// The variant stored for `key` that `req`'s headers select.
@@ -371,18 +415,24 @@ impl MemoryStore {
     /// Adds or replaces one variant; returns the URL's variants as now stored.
     pub fn insert(&self, key: &CacheKey, entry: Arc<CachedResponse>) -> Arc<Variants> {
         let name: Arc<str> = Arc::from(key.as_str());
+        let mut new = false;
         let v = self
             .cache
             .entry(name.clone())
             .and_upsert_with(|old| match old {
                 Some(old) => Arc::new(old.into_value().with(entry)),
-                None => Arc::new(Variants {
-                    key: key.clone(),
-                    entries: vec![entry],
-                }),
+                None => {
+                    new = true;
+                    Arc::new(Variants {
+                        key: key.clone(),
+                        entries: vec![entry],
+                    })
+                }
             })
             .into_value();
-        self.schedule(name, &v);
+        if new {
+            self.schedule(name, &v);
+        }
         self.settle();
         v
     }
@@ -396,8 +446,16 @@ impl MemoryStore {
     /// Stores all variants of a URL at once (a fill from the shared tier).
     pub fn fill(&self, variants: Arc<Variants>) {
         let name: Arc<str> = Arc::from(variants.key.as_str());
-        self.schedule(name.clone(), &variants);
-        self.cache.insert(name, variants);
+        let mut new = false;
+        // Through the entry API, so that a sweep's check-and-remove of the same URL (also
+        // through it) runs before or after the fill, never around it.
+        let _ = self.cache.entry(name.clone()).and_upsert_with(|old| {
+            new = old.is_none();
+            variants.clone()
+        });
+        if new {
+            self.schedule(name, &variants);
+        }
     }
 
     /// Removes a URL's variants; whether there were any.
@@ -446,6 +504,36 @@ mod tests {
 
     fn key(i: usize) -> CacheKey {
         CacheKey::from_parts(format!("r|h/{i}"), 3)
+    }
+
+    #[test]
+    fn far_expiries_share_buckets_and_the_bookkeeping_is_bounded() {
+        let (_tx, incoming) = sync_channel(1);
+        let mut s = Sweeper {
+            incoming,
+            due: BTreeMap::new(),
+            current: Vec::new(),
+            at: 0,
+            bytes: 0,
+        };
+        let now = 1_000_000_000;
+        // One URL a second for a day of windows: few buckets, all of them counted.
+        for i in 0..86_400u64 {
+            s.record(now + i * 1000, &format!("r|h/{i}"), now);
+        }
+        assert!(s.due.len() < 1_000, "{} buckets", s.due.len());
+        let allocated: usize = s.due.values().flatten().map(|c| c.capacity()).sum();
+        assert_eq!(allocated, s.bytes);
+        // Past the bound, new times are dropped.
+        for i in 0..1_000_000u64 {
+            s.record(now + 5000, &format!("r|h/a/longer/key/{i}"), now);
+        }
+        let allocated: usize = s.due.values().flatten().map(|c| c.capacity()).sum();
+        assert_eq!(allocated, s.bytes);
+        assert!(s.bytes <= MAX_DUE_BYTES, "{}", s.bytes);
+        // A time past u64's reach is filed, not wrapped into the past.
+        s.record(u64::MAX - 1, "r|h/far", now);
+        assert!(s.due.keys().all(|&end| end >= now));
     }
 
     #[test]
