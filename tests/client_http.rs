@@ -33,13 +33,6 @@ fn echoed_path(body: &[u8]) -> String {
     j["path"].as_str().unwrap_or("").to_owned()
 }
 
-async fn still_serves(p: &Palisade, up: &Upstream) {
-    let before = up.hits();
-    let r = get(&http1(), &p.url("/still-ok"), &[]).await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(up.hits(), before + 1);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_are_answered_in_order_on_one_connection() {
     bounded(30, async {

@@ -19,13 +19,6 @@ fn json_error(head: &Head, body: &[u8], code: u16) -> serde_json::Value {
     j
 }
 
-async fn still_serves(p: &Palisade, up: &Upstream) {
-    let before = up.hits();
-    let r = get(&http1(), &p.url("/still-ok"), &[]).await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(up.hits(), before + 1);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_headers_are_431() {
     bounded(30, async {

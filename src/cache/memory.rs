@@ -327,14 +327,6 @@ impl MemoryStore {
         }
     }
 
-    /// Stored variants, unless all of them are past their last window.
-    fn live(&self, key: &str) -> Option<Arc<Variants>> {
-        self.cache.get(key).filter(|v| {
-            let now = super::policy::now_ms();
-            v.entries.iter().any(|e| e.is_useful_at(now))
-        })
-    }
-
     /// Tells the sweeper when `key`'s variants expire.
     fn schedule(&self, key: Arc<str>, variants: &Variants) {
         let _ = self.expiries.try_send((variants.useless_after_ms(), key));
@@ -396,9 +388,14 @@ impl MemoryStore {
                 .is_some_and(|(&b, _)| b <= now_ms)
     }
 
-    /// The variant stored for `key` that `req`'s headers select.
-    pub fn find(&self, key: &CacheKey, req: &HeaderMap) -> Found {
-        match self.live(key.as_str()) {
+    /// The variant stored for `key` that `req`'s headers select, unless all of the URL's
+    /// variants are past their last window at `now_ms`.
+    pub fn find(&self, key: &CacheKey, req: &HeaderMap, now_ms: u64) -> Found {
+        let live = self
+            .cache
+            .get(key.as_str())
+            .filter(|v| v.entries.iter().any(|e| e.is_useful_at(now_ms)));
+        match live {
             None => Found::None,
             Some(v) => match v.entries.iter().find(|e| e.selected_by(req)) {
                 Some(e) => Found::Entry(e.clone()),
@@ -407,33 +404,40 @@ impl MemoryStore {
         }
     }
 
-    /// Every variant of `key`.
-    pub fn variants(&self, key: &CacheKey) -> Option<Arc<Variants>> {
-        self.live(key.as_str())
-    }
-
     /// Adds or replaces one variant; returns the URL's variants as now stored.
     pub fn insert(&self, key: &CacheKey, entry: Arc<CachedResponse>) -> Arc<Variants> {
-        let name: Arc<str> = Arc::from(key.as_str());
+        let v = self.upsert(key.as_str(), |old| match old {
+            Some(old) => Arc::new(old.with(entry)),
+            None => Arc::new(Variants {
+                key: key.clone(),
+                entries: vec![entry],
+            }),
+        });
+        self.settle();
+        v
+    }
+
+    /// Stores what `make` builds from the URL's current variants, through the entry API
+    /// (which moka serialises with the sweep's check-and-remove of the same URL), and tells
+    /// the sweeper when a URL new to the store expires.
+    fn upsert(
+        &self,
+        key: &str,
+        make: impl FnOnce(Option<Arc<Variants>>) -> Arc<Variants>,
+    ) -> Arc<Variants> {
+        let name: Arc<str> = Arc::from(key);
         let mut new = false;
         let v = self
             .cache
             .entry(name.clone())
-            .and_upsert_with(|old| match old {
-                Some(old) => Arc::new(old.into_value().with(entry)),
-                None => {
-                    new = true;
-                    Arc::new(Variants {
-                        key: key.clone(),
-                        entries: vec![entry],
-                    })
-                }
+            .and_upsert_with(|old| {
+                new = old.is_none();
+                make(old.map(|e| e.into_value()))
             })
             .into_value();
         if new {
             self.schedule(name, &v);
         }
-        self.settle();
         v
     }
 
@@ -445,17 +449,7 @@ impl MemoryStore {
 
     /// Stores all variants of a URL at once (a fill from the shared tier).
     pub fn fill(&self, variants: Arc<Variants>) {
-        let name: Arc<str> = Arc::from(variants.key.as_str());
-        let mut new = false;
-        // Through the entry API, so that a sweep's check-and-remove of the same URL (also
-        // through it) runs before or after the fill, never around it.
-        let _ = self.cache.entry(name.clone()).and_upsert_with(|old| {
-            new = old.is_none();
-            variants.clone()
-        });
-        if new {
-            self.schedule(name, &variants);
-        }
+        self.upsert(variants.key.as_str(), |_| variants.clone());
     }
 
     /// Removes a URL's variants; whether there were any.
@@ -547,11 +541,11 @@ mod tests {
         // Stored again with a later expiry: its first, earlier time must not remove it.
         store.insert(&key(0), entry(now, 60_000));
         assert!(matches!(
-            store.find(&key(0), &HeaderMap::new()),
+            store.find(&key(0), &HeaderMap::new(), now),
             Found::Entry(_)
         ));
         assert!(
-            matches!(store.find(&key(1), &HeaderMap::new()), Found::None),
+            matches!(store.find(&key(1), &HeaderMap::new(), now), Found::None),
             "expired entries are never found"
         );
         store.settle();
@@ -578,7 +572,7 @@ mod tests {
         );
         assert_eq!(store.usage().0, 1, "{left:?}");
         assert!(matches!(
-            store.find(&key(0), &HeaderMap::new()),
+            store.find(&key(0), &HeaderMap::new(), now),
             Found::Entry(_)
         ));
     }

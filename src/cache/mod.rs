@@ -261,18 +261,19 @@ impl ResponseCache {
         }
         let directives = RequestDirectives::parse(req.headers);
         pending.facts.no_store = directives.no_store;
+        let mut now = now_ms();
         if directives.no_cache {
             pending.request = req.headers.clone();
             pending.mode = Mode::ClientRevalidates;
-            if let Found::Entry(e) = self.memory.find(&pending.key, req.headers) {
+            if let Found::Entry(e) = self.memory.find(&pending.key, req.headers, now) {
                 pending.stale = Some(e);
             }
             return Ok(Lookup::Forward(Box::new(pending)));
         }
-        let mut found = self.memory.find(&pending.key, req.headers);
+        let mut found = self.memory.find(&pending.key, req.headers, now);
         let mut coalesced = false;
         for round in 0..2 {
-            if let Some(answer) = self.answer(&pending, req.headers, &found, coalesced) {
+            if let Some(answer) = self.answer(&pending, req.headers, &found, coalesced, now) {
                 return Ok(answer);
             }
             if round == 1 {
@@ -283,7 +284,9 @@ impl ResponseCache {
                     && matches!(found, Found::None)
                 {
                     found = self.read_tier(tier, &pending.key, req.headers).await;
-                    if let Some(answer) = self.answer(&pending, req.headers, &found, false) {
+                    if let Some(answer) =
+                        self.answer(&pending, req.headers, &found, false, now_ms())
+                    {
                         return Ok(answer);
                     }
                 }
@@ -295,7 +298,9 @@ impl ResponseCache {
                         && matches!(found, Found::None)
                     {
                         found = self.read_tier(tier, &pending.key, req.headers).await;
-                        if let Some(answer) = self.answer(&pending, req.headers, &found, false) {
+                        if let Some(answer) =
+                            self.answer(&pending, req.headers, &found, false, now_ms())
+                        {
                             return Ok(answer);
                         }
                     }
@@ -305,7 +310,8 @@ impl ResponseCache {
                 Joined::Follower(rx) => {
                     coalesce::wait(rx, wait).await;
                     coalesced = true;
-                    found = self.memory.find(&pending.key, req.headers);
+                    now = now_ms();
+                    found = self.memory.find(&pending.key, req.headers, now);
                 }
                 Joined::Untracked => break,
             }
@@ -326,7 +332,7 @@ impl ResponseCache {
         match tier.get(key).await {
             Ok(Some(v)) => {
                 self.memory.fill(Arc::new(v));
-                self.memory.find(key, req)
+                self.memory.find(key, req, now_ms())
             }
             Ok(None) => Found::None,
             Err(e) => {
@@ -344,9 +350,9 @@ impl ResponseCache {
         request: &HeaderMap,
         found: &Found,
         coalesced: bool,
+        now: u64,
     ) -> Option<Lookup> {
         let Found::Entry(e) = found else { return None };
-        let now = now_ms();
         if e.is_fresh(now) {
             let result = if coalesced {
                 CacheResult::Coalesced

@@ -145,6 +145,7 @@ struct Conn<S> {
 }
 
 /// What the connection learned from a request head, beyond the request itself.
+#[derive(Default)]
 struct HeadInfo {
     method_head: bool,
     version: Version,
@@ -190,12 +191,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 Parsed::Reject(e) => {
                     let resp = reject(e);
                     let info = HeadInfo {
-                        method_head: false,
-                        version: Version::HTTP_11,
                         close: true,
-                        keep_alive_10: false,
-                        expect_continue: false,
-                        body: None,
+                        ..HeadInfo::default()
                     };
                     self.write_response(resp, &info, true).await?;
                     self.linger().await?;
@@ -339,10 +336,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         let mut info = HeadInfo {
             method_head,
             version,
-            close: false,
-            keep_alive_10: false,
-            expect_continue: false,
-            body: None,
+            ..HeadInfo::default()
         };
         let mut length: Option<u64> = None;
         let mut bad_length = false;
@@ -533,8 +527,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         drop(parts);
 
         if matches!(framing, Framing::None | Framing::Declared(_)) {
-            self.io.write_all(&self.out).await?;
-            self.io.flush().await?;
+            self.finish(false, b"").await?;
             return Ok(After::from(close));
         }
         let mut left = match framing {
@@ -551,8 +544,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 match poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await {
                     Poll::Ready(f) => f,
                     Poll::Pending => {
-                        self.io.write_all(&self.out).await?;
-                        self.io.flush().await?;
+                        self.finish(false, b"").await?;
                         head_sent = true;
                         continue;
                     }
@@ -562,10 +554,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 None => break,
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "response body failed; closing the connection");
-                    if !head_sent {
-                        self.io.write_all(&self.out).await?;
-                    }
-                    self.io.flush().await?;
+                    self.finish(head_sent, b"").await?;
                     // Ended by the connection, a cut body would look whole: reset instead.
                     return Ok(if matches!(framing, Framing::Close) {
                         After::Reset
@@ -605,24 +594,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
         if left.is_some_and(|l| l > 0) {
             // The body ended before its Content-Length: the client sees a cut response.
-            if !head_sent {
-                self.io.write_all(&self.out).await?;
-            }
-            self.io.flush().await?;
+            self.finish(head_sent, b"").await?;
             return Ok(After::Close);
         }
-        if chunked {
-            if head_sent {
-                self.io.write_all(b"0\r\n\r\n").await?;
-            } else {
-                self.out.extend_from_slice(b"0\r\n\r\n");
-                self.io.write_all(&self.out).await?;
-            }
-        } else if !head_sent {
+        let last_chunk: &[u8] = if chunked { b"0\r\n\r\n" } else { b"" };
+        self.finish(head_sent, last_chunk).await?;
+        Ok(After::from(close))
+    }
+
+    /// Writes the head (unless it went already) and `tail` after it, in one write, and
+    /// flushes.
+    async fn finish(&mut self, head_sent: bool, tail: &[u8]) -> io::Result<()> {
+        if head_sent {
+            self.out.clear();
+        }
+        self.out.extend_from_slice(tail);
+        if !self.out.is_empty() {
             self.io.write_all(&self.out).await?;
         }
-        self.io.flush().await?;
-        Ok(After::from(close))
+        self.io.flush().await
     }
 
     /// Writes one body chunk (and the head before it, unless it went already), framed as the
@@ -886,6 +876,13 @@ fn step(decoder: &mut Decoder, buf: &mut BytesMut) -> Result<Option<Delivery>, C
     }
 }
 
+/// Keeps `waker` in `slot`, cloning it only when it is not the one kept already.
+fn park(slot: &mut Option<Waker>, waker: &Waker) {
+    if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
+        *slot = Some(waker.clone());
+    }
+}
+
 /// Hands body chunks from the connection to the request's [`BodyReader`], one at a time.
 struct Channel {
     state: Mutex<ChannelState>,
@@ -929,9 +926,7 @@ impl Channel {
         if s.want && s.chunk.is_none() && !s.gone {
             return true;
         }
-        if !s.feeder.as_ref().is_some_and(|w| w.will_wake(feeder)) {
-            s.feeder = Some(feeder.clone());
-        }
+        park(&mut s.feeder, feeder);
         false
     }
 
@@ -992,9 +987,7 @@ impl Body for BodyReader {
             return Poll::Ready(None);
         }
         s.want = true;
-        if !s.reader.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            s.reader = Some(cx.waker().clone());
-        }
+        park(&mut s.reader, cx.waker());
         if let Some(w) = s.feeder.take() {
             w.wake();
         }

@@ -75,7 +75,6 @@ pub struct ConnActivity {
     handlers: AtomicUsize,
     bodies: AtomicUsize,
     h2: AtomicBool,
-    first_read: AtomicBool,
     draining: AtomicBool,
     awaiting_body: AtomicBool,
 }
@@ -89,7 +88,6 @@ impl ConnActivity {
             handlers: AtomicUsize::new(0),
             bodies: AtomicUsize::new(0),
             h2: AtomicBool::new(false),
-            first_read: AtomicBool::new(true),
             draining: AtomicBool::new(false),
             awaiting_body: AtomicBool::new(false),
         }
@@ -101,12 +99,9 @@ impl ConnActivity {
     }
 
     /// Records a read.
-    fn on_read(&self, data: &[u8]) {
+    fn on_read(&self) {
         let now = self.now();
         self.last_io.store(now, Ordering::Relaxed);
-        if self.first_read.swap(false, Ordering::Relaxed) && data.starts_with(b"PRI * HTTP/2.0") {
-            self.h2.store(true, Ordering::Relaxed);
-        }
         if self.handlers.load(Ordering::Relaxed) == 0
             && self.bodies.load(Ordering::Relaxed) == 0
             && self.head_since.load(Ordering::Relaxed) == NONE
@@ -204,6 +199,8 @@ impl ConnActivity {
 struct ActivityIo<S> {
     inner: S,
     activity: Arc<ConnActivity>,
+    /// Bytes already read that a reader must get again before the socket's.
+    replay: Bytes,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for ActivityIo<S> {
@@ -213,12 +210,17 @@ impl<S: AsyncRead + Unpin> AsyncRead for ActivityIo<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if !this.replay.is_empty() {
+            let n = this.replay.len().min(buf.remaining());
+            buf.put_slice(&this.replay.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r
             && buf.filled().len() > before
         {
-            this.activity.on_read(&buf.filled()[before..]);
+            this.activity.on_read();
         }
         r
     }
@@ -494,6 +496,7 @@ impl Server {
         let mut io = ActivityIo {
             inner: stream,
             activity: activity.clone(),
+            replay: Bytes::new(),
         };
         let info = Arc::new(ConnInfo {
             peer,
@@ -539,10 +542,9 @@ impl Server {
                     Ok::<_, std::convert::Infallible>(resp)
                 }
             });
-            let io = TokioIo::new(Prefixed {
-                prefix: buf.freeze(),
-                inner: io,
-            });
+            // hyper reads the preface itself: the bytes the sniff took are read again first.
+            io.replay = buf.freeze();
+            let io = TokioIo::new(io);
             let conn = pin!(
                 http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
@@ -631,53 +633,5 @@ async fn supervise<F: Future>(
             }
             _ = tokio::time::sleep(wait) => {}
         }
-    }
-}
-
-/// A stream whose first bytes were already read: they are read again first (HTTP/2 reads its
-/// preface itself).
-struct Prefixed<S> {
-    prefix: Bytes,
-    inner: S,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -30,3 +30,11 @@ pub async fn bounded<F: Future>(secs: u64, f: F) -> F::Output {
 pub fn ms(ms: u64) -> Duration {
     Duration::from_millis(ms)
 }
+
+/// Asserts that `p` still proxies a plain GET to `up` (after a test's bad input).
+pub async fn still_serves(p: &Palisade, up: &Upstream) {
+    let before = up.hits();
+    let r = get(&http1(), &p.url("/still-ok"), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(up.hits(), before + 1);
+}
