@@ -153,6 +153,11 @@ to_ms() { # wrk latency such as 812.00us, 1.52ms, 1.01s
         else print "nan" }'
 }
 
+cache_lookups() { # hits and all lookups Palisade's cache has counted so far (pcache instance)
+    curl -s --max-time 2 "http://127.0.0.1:$PCACHE_ADMIN_PORT/metrics" |
+        awk '/^palisade_cache_lookups_total/{n += $NF; if ($0 ~ /result="hit"/) h += $NF} END{print h + 0, n + 0}'
+}
+
 redis_scripts() { # script calls Redis has served so far (EVALSHA and EVAL)
     redis-cli -p "$REDIS_PORT" info commandstats | awk -F'[=,:]' '/^cmdstat_(evalsha|eval):/{n += $3} END{print n + 0}'
 }
@@ -170,8 +175,9 @@ measure() { # target port round [wrk script]: the cgroup is the port's owner's
     read -r b0 a0 < <(cpu1_ticks)
     local c0 c1
     c0=$(cg_ticks "$cg")
-    local r0=0
+    local r0=0 h0=0 l0=0
     [ "$target" = redis ] && r0=$(redis_scripts)
+    [ "$cg" = "$CGROOT/palisade-bench-pcache" ] && read -r h0 l0 < <(cache_lookups)
     timeout $((DURATION + 15)) nice -n "$NICE" taskset -c 1 wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency "${script[@]}" "$url" >"$out"
     read -r b1 a1 < <(cpu1_ticks)
     read -r p1 t1 < <(throttled "$cg")
@@ -181,7 +187,11 @@ measure() { # target port round [wrk script]: the cgroup is the port's owner's
     p99=$(to_ms "$(awk '$1=="99%"{print $2}' "$out")")
     bad=$(awk '/Non-2xx or 3xx/{print $NF}' "$out")
     errs=$(awk '/Socket errors/{gsub(",", ""); print $4+$6+$8+$10}' "$out")
-    local thr core1 reqs us
+    local thr core1 reqs us hits="" h1 l1
+    if [ "$cg" = "$CGROOT/palisade-bench-pcache" ]; then
+        read -r h1 l1 < <(cache_lookups)
+        hits=$(awk -v h=$((h1 - h0)) -v l=$((l1 - l0)) 'BEGIN{printf "  cache hits %.2f%%", l ? 100 * h / l : 0}')
+    fi
     reqs=$(awk '/requests in/{print $1}' "$out")
     if [ "$target" = redis ]; then
         echo "$reqs $r0 $(redis_scripts)" >>"$WORK/redis-round-trips"
@@ -190,8 +200,8 @@ measure() { # target port round [wrk script]: the cgroup is the port's owner's
     thr=$(awk -v p=$((p1 - p0)) -v t=$((t1 - t0)) 'BEGIN{printf "%.0f%%", p ? 100 * t / p : 0}')
     core1=$(awk -v b=$((b1 - b0)) -v a=$((a1 - a0)) 'BEGIN{printf "%.0f%%", a ? 100 * b / a : 0}')
     echo "$target $round $rps $p99 ${bad:-0} ${errs:-0} $us" >>"$RESULTS"
-    printf '  %-9s round %s: %8.0f req/s  p99 %7.3f ms  %6s CPU us/req  non-2xx %s  socket errors %s  throttled %s  core1 busy %s\n' \
-        "$target" "$round" "$rps" "$p99" "$us" "${bad:-0}" "${errs:-0}" "$thr" "$core1"
+    printf '  %-9s round %s: %8.0f req/s  p99 %7.3f ms  %6s CPU us/req  non-2xx %s  socket errors %s  throttled %s  core1 busy %s%s\n' \
+        "$target" "$round" "$rps" "$p99" "$us" "${bad:-0}" "${errs:-0}" "$thr" "$core1" "$hits"
 }
 
 if [ "$SKIP_BUILD" != 1 ]; then
