@@ -283,6 +283,57 @@ pub struct ResponseBody {
     conn: Option<Arc<ConnActivity>>,
     log: Option<Box<AccessRecord>>,
     capture: Option<Box<Capture>>,
+    head: Option<Arc<HeadLines>>,
+}
+
+/// Response header lines encoded once for a response sent many times (a cached one), so that
+/// each HTTP/1.1 hit writes them as they are instead of building and encoding a header map.
+#[derive(Debug, Clone, Default)]
+pub struct HeadLines {
+    /// `name: value\r\n` lines, without Content-Length, Transfer-Encoding and Connection.
+    pub lines: Bytes,
+    /// The response's Content-Length.
+    pub length: Option<u64>,
+    /// Whether a Date line is among them.
+    pub date: bool,
+}
+
+impl HeadLines {
+    /// The lines as a header map (with Content-Length), for HTTP/2.
+    pub fn to_map(&self) -> http::HeaderMap {
+        let mut map = http::HeaderMap::new();
+        for line in self.lines.split(|&b| b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let Some(colon) = line.iter().position(|&b| b == b':') else {
+                continue;
+            };
+            let value = line[colon + 1..]
+                .strip_prefix(b" ")
+                .unwrap_or(&line[colon + 1..]);
+            if let (Ok(name), Ok(value)) = (
+                http::HeaderName::from_bytes(&line[..colon]),
+                http::HeaderValue::from_maybe_shared(self.lines.slice_ref(value)),
+            ) {
+                map.append(name, value);
+            }
+        }
+        if let Some(n) = self.length {
+            map.insert(http::header::CONTENT_LENGTH, n.into());
+        }
+        map
+    }
+}
+
+/// Puts a response's pre-encoded header lines ([`HeadLines`]) into its header map, ahead of
+/// the headers already there: for senders that cannot write them as they are (HTTP/2).
+pub fn expand_head(resp: &mut http::Response<ResponseBody>) {
+    if let Some(head) = resp.body_mut().take_head() {
+        let mut map = head.to_map();
+        for (name, value) in resp.headers() {
+            map.append(name, value.clone());
+        }
+        *resp.headers_mut() = map;
+    }
 }
 
 impl ResponseBody {
@@ -297,7 +348,19 @@ impl ResponseBody {
             conn: None,
             log: None,
             capture: None,
+            head: None,
         }
+    }
+
+    /// Sends `head`'s lines as part of the response head, before its header map's.
+    pub fn with_head(mut self, head: Arc<HeadLines>) -> Self {
+        self.head = Some(head);
+        self
+    }
+
+    /// The pre-encoded header lines, if any; the sender writes them.
+    pub fn take_head(&mut self) -> Option<Arc<HeadLines>> {
+        self.head.take()
     }
 
     /// A complete body.

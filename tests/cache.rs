@@ -108,6 +108,67 @@ async fn miss_then_hit_with_age_cache_status_head_and_sorted_query() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hit_carries_the_stored_headers_once_over_http1_and_h2() {
+    bounded(60, async {
+        let up = Upstream::start("a");
+        let p = Palisade::start(&cache_config("", &up.url(), r#"{ ttl = "60s" }"#)).await;
+        let url = p.url("/h?hop=1&lm=1");
+        let first = get(&http1(), &url, &[]).await;
+        assert!(first.header("cache-status").unwrap().contains("stored"));
+        let stored = [
+            "content-type",
+            "content-length",
+            "x-replica",
+            "x-up-keep",
+            "last-modified",
+        ];
+        for (client, via) in [(http1(), "1.1 palisade"), (h2c(), "2 palisade")] {
+            let hit = get(&client, &url, &[]).await;
+            assert_eq!(hit.body, first.body);
+            assert!(
+                hit.header("cache-status").unwrap().contains("hit"),
+                "{:?}",
+                hit.headers
+            );
+            for name in stored {
+                assert_eq!(
+                    hit.headers.get_all(name).iter().collect::<Vec<_>>(),
+                    first.headers.get_all(name).iter().collect::<Vec<_>>(),
+                    "{name} over {via}"
+                );
+            }
+            for name in ["age", "cache-status", "x-request-id", "date", "via"] {
+                assert_eq!(
+                    hit.headers.get_all(name).iter().count(),
+                    1,
+                    "one {name}: {:?}",
+                    hit.headers
+                );
+            }
+            assert_eq!(hit.header("via"), Some(via));
+            assert_ne!(hit.header("x-request-id"), first.header("x-request-id"));
+            assert_eq!(hit.header("date"), first.header("date"), "the stored Date");
+            for hop in [
+                "x-up-secret",
+                "keep-alive",
+                "proxy-up",
+                "trailer",
+                "upgrade",
+                "connection",
+            ] {
+                assert!(
+                    hit.header(hop).is_none(),
+                    "{hop} over {via}: {:?}",
+                    hit.headers
+                );
+            }
+        }
+        assert_eq!(up.hits(), 1);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_must_not_be_stored_is_fetched_every_time() {
     bounded(60, async {
         let up = Upstream::start("a");

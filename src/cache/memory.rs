@@ -10,6 +10,7 @@
 
 use super::key::CacheKey;
 use super::policy::Freshness;
+use crate::body::HeadLines;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use moka::notification::RemovalCause;
@@ -63,18 +64,55 @@ pub struct CachedResponse {
     pub freshness: Freshness,
     /// The request header values that selected this variant (`None`: header absent).
     pub vary: Vec<(HeaderName, Option<HeaderValue>)>,
+    /// `headers` encoded for HTTP/1.1, but for those [`SET_ON_HIT`] names.
+    pub head: Arc<HeadLines>,
+    /// Whether `headers` hold a RateLimit header (served from the header map: a rate-limited
+    /// route replaces it).
+    pub limit_headers: bool,
 }
 
+/// Headers each hit sets itself (or a rate-limited route does), replacing a stored one: they
+/// are left out of [`CachedResponse::head`].
+const SET_ON_HIT: [&HeaderName; 5] = [
+    &header::AGE,
+    &super::CACHE_STATUS,
+    &crate::proxy::headers::X_REQUEST_ID,
+    &crate::proxy::headers::RATELIMIT,
+    &crate::proxy::headers::RATELIMIT_POLICY,
+];
+
 impl CachedResponse {
-    /// Bytes it occupies, for the memory budget: the body, each header's name and value with
-    /// the header map's own slot for it, and the fixed cost of an entry (its structs, the
+    /// A stored response. Its header values are copied into one allocation of their own, the
+    /// encoded head (values parsed from a connection are slices of its read buffer; stored as
+    /// they are, each entry would keep a whole read buffer, 8 KiB or more, alive).
+    pub fn new(
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: Bytes,
+        freshness: Freshness,
+        vary: Vec<(HeaderName, Option<HeaderValue>)>,
+    ) -> Self {
+        let (headers, head, limit_headers) = encode(headers);
+        CachedResponse {
+            status,
+            headers,
+            body,
+            freshness,
+            vary,
+            head: Arc::new(head),
+            limit_headers,
+        }
+    }
+
+    /// Bytes it occupies, for the memory budget: the body, each header's name (in the map and
+    /// in its encoded line) and value with the header map's own slot for it, and the fixed cost of an entry (its structs, the
     /// cache's bookkeeping for it, allocator rounding). The constants were measured: 48k
     /// entries of 1 KiB bodies with three headers took 2.4 KB each in RSS.
     pub fn weight(&self) -> usize {
         let headers: usize = self
             .headers
             .iter()
-            .map(|(k, v)| k.as_str().len() + v.len() + HEADER_SLOT)
+            .map(|(k, v)| 2 * k.as_str().len() + v.len() + 4 + HEADER_SLOT)
             .sum();
         let vary: usize = self
             .vary
@@ -153,27 +191,58 @@ impl CachedResponse {
     }
 }
 
-/// A copy of `headers` whose values all live in one allocation of their own. Values parsed
-/// by hyper are slices of its connection read buffer; stored as they are, each entry would
-/// keep a whole read buffer (8 KiB or more) alive for as long as it is cached.
-pub fn compact(headers: &HeaderMap) -> HeaderMap {
-    let total: usize = headers.values().map(|v| v.len()).sum();
-    let mut all = Vec::with_capacity(total);
-    for v in headers.values() {
-        all.extend_from_slice(v.as_bytes());
-    }
-    let all = Bytes::from(all);
-    let mut out = HeaderMap::with_capacity(headers.len());
-    let mut at = 0;
+/// `headers` with their values copied into one buffer that starts with their HTTP/1.1
+/// lines; the lines leave out Content-Length, Transfer-Encoding, Connection and the
+/// [`SET_ON_HIT`] names, whose values follow them in the buffer.
+fn encode(headers: &HeaderMap) -> (HeaderMap, HeadLines, bool) {
+    let in_lines = |name: &HeaderName| {
+        !matches!(
+            *name,
+            header::CONTENT_LENGTH | header::TRANSFER_ENCODING | header::CONNECTION
+        ) && !SET_ON_HIT.contains(&name)
+    };
+    let size: usize = headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    let mut buf = Vec::with_capacity(size);
+    let mut spans = Vec::with_capacity(headers.len());
+    let mut head = HeadLines::default();
     for (name, v) in headers {
-        let piece = all.slice(at..at + v.len());
-        at += v.len();
+        if in_lines(name) {
+            buf.extend_from_slice(name.as_str().as_bytes());
+            buf.extend_from_slice(b": ");
+            spans.push(buf.len());
+            buf.extend_from_slice(v.as_bytes());
+            buf.extend_from_slice(b"\r\n");
+            head.date |= name == header::DATE;
+        }
+    }
+    let lines_end = buf.len();
+    let mut limit_headers = false;
+    for (name, v) in headers {
+        if !in_lines(name) {
+            spans.push(buf.len());
+            buf.extend_from_slice(v.as_bytes());
+            if name == header::CONTENT_LENGTH {
+                head.length = crate::framing::parse_length(v.as_bytes());
+            }
+            limit_headers |= name == crate::proxy::headers::RATELIMIT
+                || name == crate::proxy::headers::RATELIMIT_POLICY;
+        }
+    }
+    let all = Bytes::from(buf);
+    head.lines = all.slice(..lines_end);
+    let mut out = HeaderMap::with_capacity(headers.len());
+    let (lined, rest): (Vec<_>, Vec<_>) = headers.iter().partition(|(n, _)| in_lines(n));
+    for ((name, v), at) in lined.into_iter().chain(rest).zip(spans) {
         // The bytes were a valid value a moment ago.
-        let mut value = HeaderValue::from_maybe_shared(piece).unwrap_or_else(|_| v.clone());
+        let mut value = HeaderValue::from_maybe_shared(all.slice(at..at + v.len()))
+            .unwrap_or_else(|_| v.clone());
         value.set_sensitive(v.is_sensitive());
         out.append(name.clone(), value);
     }
-    out
+    (out, head, limit_headers)
 }
 
 /// A stored copy of a request header value that selected a variant (see [`compact`]).
@@ -481,19 +550,60 @@ impl MemoryStore {
 mod tests {
     use super::*;
 
+    #[test]
+    fn stored_headers_are_encoded_once_without_the_ones_a_hit_sets() {
+        let mut h = HeaderMap::new();
+        h.append("content-type", HeaderValue::from_static("text/plain"));
+        h.append("content-length", HeaderValue::from_static("4"));
+        h.append(
+            "date",
+            HeaderValue::from_static("Tue, 01 Dec 2026 10:00:00 GMT"),
+        );
+        h.append("x-request-id", HeaderValue::from_static("old"));
+        h.append("ratelimit", HeaderValue::from_static("limit=5"));
+        h.append("via", HeaderValue::from_static("1.1 a"));
+        h.append("via", HeaderValue::from_static("1.1 b"));
+        let e = CachedResponse::new(
+            StatusCode::OK,
+            &h,
+            Bytes::from_static(b"body"),
+            Freshness {
+                stored_at_ms: 0,
+                fresh_ms: 1,
+                swr_ms: 0,
+                sie_ms: 0,
+            },
+            Vec::new(),
+        );
+        assert_eq!(
+            &e.head.lines[..],
+            &b"content-type: text/plain\r\ndate: Tue, 01 Dec 2026 10:00:00 GMT\r\n\
+               via: 1.1 a\r\nvia: 1.1 b\r\n"[..]
+        );
+        assert_eq!(
+            (e.head.length, e.head.date, e.limit_headers),
+            (Some(4), true, true)
+        );
+        assert_eq!(e.headers, h, "the map keeps every stored header");
+        let mut expected = h.clone();
+        expected.remove("x-request-id");
+        expected.remove("ratelimit");
+        assert_eq!(e.head.to_map(), expected, "HTTP/2 gets the same lines back");
+    }
+
     fn entry(stored_at_ms: u64, fresh_ms: u64) -> Arc<CachedResponse> {
-        Arc::new(CachedResponse {
-            status: StatusCode::OK,
-            headers: HeaderMap::new(),
-            body: Bytes::from_static(b"body"),
-            freshness: Freshness {
+        Arc::new(CachedResponse::new(
+            StatusCode::OK,
+            &HeaderMap::new(),
+            Bytes::from_static(b"body"),
+            Freshness {
                 stored_at_ms,
                 fresh_ms,
                 swr_ms: 0,
                 sie_ms: 0,
             },
-            vary: Vec::new(),
-        })
+            Vec::new(),
+        ))
     }
 
     fn key(i: usize) -> CacheKey {

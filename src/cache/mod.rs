@@ -21,6 +21,7 @@ pub use redis_tier::RedisTier;
 use crate::body::ResponseBody;
 use crate::config::RouteCacheSpec;
 use crate::metrics::Metrics;
+use crate::proxy::headers;
 use bytes::{Bytes, BytesMut};
 use coalesce::{FlightGuard, Flights, Joined};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header};
@@ -517,8 +518,8 @@ fn not_modified(e: &CachedResponse, req: &HeaderMap) -> bool {
     }
 }
 
-/// Headers a hit gets on top of the stored ones (Age, Cache-Status, X-Request-Id, Via and the
-/// two rate-limit headers): room for them is made at once rather than by growing the map.
+/// Headers a hit's map holds (Age, Cache-Status, X-Request-Id, Via and the two rate-limit
+/// headers; the stored ones go as pre-encoded lines): room for them is made at once.
 const HIT_EXTRA_HEADERS: usize = 6;
 
 /// A response from a stored entry, with `Age` and `Cache-Status`; a 304 when the client's
@@ -552,12 +553,16 @@ fn serve(
     } else {
         ResponseBody::full(e.body.clone())
     };
-    let mut r = Response::new(body);
+    let mut r = Response::new(body.with_head(e.head.clone()));
     *r.status_mut() = e.status;
     let h = r.headers_mut();
-    *h = HeaderMap::with_capacity(e.headers.len() + HIT_EXTRA_HEADERS);
-    for (name, value) in &e.headers {
-        h.append(name.clone(), value.clone());
+    *h = HeaderMap::with_capacity(HIT_EXTRA_HEADERS);
+    if e.limit_headers {
+        for name in [&headers::RATELIMIT, &headers::RATELIMIT_POLICY] {
+            for v in e.headers.get_all(name) {
+                h.append(name, v.clone());
+            }
+        }
     }
     h.insert(header::AGE, age);
     h.insert(&CACHE_STATUS, status_value);
@@ -714,31 +719,31 @@ impl Pending {
             let stored =
                 match policy::decide(&self.policy.spec, self.facts, e.status, &headers, now) {
                     Ok(freshness) => {
-                        let fresh = Arc::new(CachedResponse {
-                            status: e.status,
-                            headers,
-                            body: e.body.clone(),
+                        let fresh = Arc::new(CachedResponse::new(
+                            e.status,
+                            &headers,
+                            e.body.clone(),
                             freshness,
-                            vary: e.vary.clone(),
-                        });
+                            e.vary.clone(),
+                        ));
                         self.cache
                             .store(self.tier.as_ref(), &self.key, fresh.clone());
                         fresh
                     }
                     Err(_) => {
                         self.cache.invalidate(self.tier.as_ref(), &self.key).await;
-                        Arc::new(CachedResponse {
-                            status: e.status,
-                            headers,
-                            body: e.body.clone(),
-                            freshness: Freshness {
+                        Arc::new(CachedResponse::new(
+                            e.status,
+                            &headers,
+                            e.body.clone(),
+                            Freshness {
                                 stored_at_ms: now,
                                 fresh_ms: 0,
                                 swr_ms: 0,
                                 sie_ms: 0,
                             },
-                            vary: e.vary.clone(),
-                        })
+                            e.vary.clone(),
+                        ))
                     }
                 };
             let cs = format!(
@@ -781,7 +786,7 @@ impl Pending {
             set_status(&mut parts.headers, &format!("palisade; fwd={}", self.fwd()));
             return Finish::Pass(result);
         };
-        let mut headers = memory::compact(&parts.headers);
+        let mut headers = parts.headers.clone();
         headers.remove(header::AGE);
         let vary = vary
             .into_iter()
@@ -904,13 +909,13 @@ impl Capture {
         if expected.is_some_and(|n| n != buf.len() as u64) {
             return;
         }
-        let entry = Arc::new(CachedResponse {
+        let entry = Arc::new(CachedResponse::new(
             status,
-            headers,
-            body: buf.freeze(),
+            &headers,
+            buf.freeze(),
             freshness,
             vary,
-        });
+        ));
         cache.store(tier.as_ref(), &key, entry);
         drop(guard);
     }

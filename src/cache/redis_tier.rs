@@ -306,13 +306,9 @@ pub fn decode(buf: Bytes, key: &CacheKey, max_body: u64) -> Option<Variants> {
         {
             return None;
         }
-        entries.push(Arc::new(CachedResponse {
-            status,
-            headers,
-            body,
-            freshness,
-            vary,
-        }));
+        entries.push(Arc::new(CachedResponse::new(
+            status, &headers, body, freshness, vary,
+        )));
     }
     if r.at != r.buf.len() {
         return None;
@@ -333,24 +329,24 @@ mod tests {
         headers.insert("content-type", HeaderValue::from_static("text/plain"));
         headers.insert("content-length", HeaderValue::from_static("5"));
         headers.insert("etag", HeaderValue::from_static("\"v1\""));
-        let e = CachedResponse {
-            status: StatusCode::OK,
-            headers,
-            body: Bytes::from_static(b"hello"),
-            freshness: Freshness {
+        let e = CachedResponse::new(
+            StatusCode::OK,
+            &headers,
+            Bytes::from_static(b"hello"),
+            Freshness {
                 stored_at_ms: 1,
                 fresh_ms: 2,
                 swr_ms: 3,
                 sie_ms: 4,
             },
-            vary: vec![
+            vec![
                 (
                     http::header::ACCEPT_LANGUAGE,
                     Some(HeaderValue::from_static("de")),
                 ),
                 (http::header::ACCEPT_ENCODING, None),
             ],
-        };
+        );
         Variants {
             key: CacheKey::new("r", "h", "/p", Some("a=1"), &QueryKey::All),
             entries: vec![Arc::new(e)],
@@ -365,6 +361,10 @@ mod tests {
         assert_eq!(
             (a.status, &a.headers, &a.body, a.freshness, &a.vary),
             (b.status, &b.headers, &b.body, b.freshness, &b.vary)
+        );
+        assert_eq!(
+            (&a.head.lines, a.head.length, a.head.date),
+            (&b.head.lines, b.head.length, b.head.date)
         );
     }
 

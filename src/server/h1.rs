@@ -454,7 +454,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         info: &HeadInfo,
         close: bool,
     ) -> io::Result<After> {
-        let (parts, body) = resp.into_parts();
+        let (parts, mut body) = resp.into_parts();
+        let pre = body.take_head();
         let mut body = pin!(body);
         let status = parts.status;
         let no_body = info.method_head
@@ -469,7 +470,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         let declared = parts
             .headers
             .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| framing::parse_length(v.as_bytes()));
+            .and_then(|v| framing::parse_length(v.as_bytes()))
+            .or(pre.as_ref().and_then(|p| p.length));
         let framing = if no_body {
             match declared {
                 // A HEAD or 304 answer says the length the body would have.
@@ -491,6 +493,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         out.clear();
         write_status(out, status);
         let mut has_date = false;
+        if let Some(pre) = &pre {
+            out.extend_from_slice(&pre.lines);
+            has_date = pre.date;
+        }
         for (name, value) in &parts.headers {
             if name == http::header::TRANSFER_ENCODING
                 || name == http::header::CONNECTION
@@ -524,7 +530,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             out.extend_from_slice(b"connection: keep-alive\r\n");
         }
         out.extend_from_slice(b"\r\n");
-        drop(parts);
+        drop((parts, pre));
 
         if matches!(framing, Framing::None | Framing::Declared(_)) {
             self.finish(false, b"").await?;

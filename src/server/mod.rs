@@ -19,7 +19,7 @@
 
 pub mod h1;
 
-use crate::body::ClientBody;
+use crate::body::{self, ClientBody};
 use crate::proxy;
 use crate::state::Shared;
 use bytes::{Bytes, BytesMut};
@@ -537,7 +537,8 @@ impl Server {
                 let info = info.clone();
                 async move {
                     info.activity.handler_started();
-                    let resp = proxy::handle(&shared, &info, req.map(ClientBody::H2)).await;
+                    let mut resp = proxy::handle(&shared, &info, req.map(ClientBody::H2)).await;
+                    body::expand_head(&mut resp);
                     info.activity.handler_ended();
                     Ok::<_, std::convert::Infallible>(resp)
                 }
