@@ -55,6 +55,8 @@ pub struct Metrics {
     pub cache_bytes: IntGaugeVec,
     /// Entries a cache tier evicted for space.
     pub cache_evictions: IntCounterVec,
+    /// Stored URLs whose expiry time the memory tier's sweeper could not keep.
+    pub cache_untracked_expiries: IntCounterVec,
 }
 
 impl Metrics {
@@ -179,6 +181,11 @@ impl Metrics {
                 "Entries a cache tier evicted to stay within its budget.",
                 &["tier"],
             ),
+            cache_untracked_expiries: counter(
+                "palisade_cache_untracked_expiries_total",
+                "Expiry times the sweeper dropped (its bookkeeping was full): those entries are never served once expired, but leave only by eviction.",
+                &["tier"],
+            ),
             registry,
         };
         m.redis_errors.with_label_values(&["ratelimit"]);
@@ -186,6 +193,7 @@ impl Metrics {
         m.cache_entries.with_label_values(&["memory"]);
         m.cache_bytes.with_label_values(&["memory"]);
         m.cache_evictions.with_label_values(&["memory"]);
+        m.cache_untracked_expiries.with_label_values(&["memory"]);
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);

@@ -32,7 +32,7 @@ const HEADER_SLOT: usize = 128;
 const ENTRY_OVERHEAD: usize = 800;
 
 /// Most expired URLs one [`MemoryStore::sweep`] removes.
-pub const SWEEP_BATCH: usize = 256;
+pub const SWEEP_BATCH: usize = 64;
 /// Expiry times on their way from stores to the sweeper (it takes them every
 /// [`super::HOUSEKEEPING_EVERY`]); past this many a store's time is dropped, and its entry
 /// then leaves by eviction. A waiting time holds its URL's key bytes (about 60), also after
@@ -308,6 +308,7 @@ pub struct MemoryStore {
     cache: moka::sync::Cache<Arc<str>, Arc<Variants>, foldhash::quality::RandomState>,
     expiries: SyncSender<(u64, Arc<str>)>,
     sweeper: Mutex<Sweeper>,
+    untracked: IntCounter,
 }
 
 /// The sweeper's side of the expiry queue. Keys are copied into buckets by when they expire,
@@ -328,10 +329,10 @@ struct Sweeper {
 }
 
 impl Sweeper {
-    /// Files `key` to leave at `at` (Unix ms); dropped past [`MAX_DUE_BYTES`].
-    fn record(&mut self, at: u64, key: &str, now_ms: u64) {
+    /// Files `key` to leave at `at` (Unix ms); dropped past [`MAX_DUE_BYTES`] (false).
+    fn record(&mut self, at: u64, key: &str, now_ms: u64) -> bool {
         let Ok(len) = u16::try_from(key.len()) else {
-            return;
+            return false;
         };
         let need = key.len() + 2;
         let width = match at.saturating_sub(now_ms) {
@@ -346,7 +347,7 @@ impl Sweeper {
                 if chunk.capacity() - chunk.len() < need
                     && self.bytes + before.max(need) > MAX_DUE_BYTES
                 {
-                    return;
+                    return false;
                 }
                 chunk.extend_from_slice(&len.to_le_bytes());
                 chunk.extend_from_slice(key.as_bytes());
@@ -358,7 +359,7 @@ impl Sweeper {
                     if bucket.is_empty() {
                         self.due.remove(&end);
                     }
-                    return;
+                    return false;
                 }
                 let mut chunk = Vec::with_capacity(first);
                 chunk.extend_from_slice(&len.to_le_bytes());
@@ -367,12 +368,14 @@ impl Sweeper {
                 bucket.push(chunk);
             }
         }
+        true
     }
 }
 
 impl MemoryStore {
-    /// A store of at most `budget` bytes; size evictions count in `evictions`.
-    pub fn new(budget: u64, evictions: IntCounter) -> Self {
+    /// A store of at most `budget` bytes; size evictions count in `evictions`, expiry times
+    /// the sweeper could not keep in `untracked`.
+    pub fn new(budget: u64, evictions: IntCounter, untracked: IntCounter) -> Self {
         let cache = moka::sync::Cache::builder()
             .max_capacity(budget)
             .weigher(|_, v: &Arc<Variants>| v.weight())
@@ -393,12 +396,19 @@ impl MemoryStore {
                 at: 0,
                 bytes: 0,
             }),
+            untracked,
         }
     }
 
     /// Tells the sweeper when `key`'s variants expire.
     fn schedule(&self, key: Arc<str>, variants: &Variants) {
-        let _ = self.expiries.try_send((variants.useless_after_ms(), key));
+        if self
+            .expiries
+            .try_send((variants.useless_after_ms(), key))
+            .is_err()
+        {
+            self.untracked.inc();
+        }
     }
 
     /// Removes up to [`SWEEP_BATCH`] URLs whose variants are all past their last window at
@@ -408,7 +418,9 @@ impl MemoryStore {
         let mut sweeper = self.sweeper.lock().unwrap_or_else(|e| e.into_inner());
         let sweeper = &mut *sweeper;
         while let Ok((at, key)) = sweeper.incoming.try_recv() {
-            sweeper.record(at, &key, now_ms);
+            if !sweeper.record(at, &key, now_ms) {
+                self.untracked.inc();
+            }
         }
         let mut removed = 0;
         while removed < SWEEP_BATCH {
@@ -445,8 +457,10 @@ impl MemoryStore {
                 }
                 None => Op::Nop,
             });
-            if let Some(at) = later {
-                sweeper.record(at, &key, now_ms);
+            if let Some(at) = later
+                && !sweeper.record(at, &key, now_ms)
+            {
+                self.untracked.inc();
             }
             removed += 1;
         }
@@ -623,26 +637,31 @@ mod tests {
         let now = 1_000_000_000;
         // One URL a second for a day of windows: few buckets, all of them counted.
         for i in 0..86_400u64 {
-            s.record(now + i * 1000, &format!("r|h/{i}"), now);
+            assert!(s.record(now + i * 1000, &format!("r|h/{i}"), now));
         }
         assert!(s.due.len() < 1_000, "{} buckets", s.due.len());
         let allocated: usize = s.due.values().flatten().map(|c| c.capacity()).sum();
         assert_eq!(allocated, s.bytes);
         // Past the bound, new times are dropped.
-        for i in 0..1_000_000u64 {
-            s.record(now + 5000, &format!("r|h/a/longer/key/{i}"), now);
-        }
+        let kept = (0..1_000_000u64)
+            .filter(|i| s.record(now + 5000, &format!("r|h/a/longer/key/{i}"), now))
+            .count();
+        assert!(kept < 1_000_000, "some times were refused");
         let allocated: usize = s.due.values().flatten().map(|c| c.capacity()).sum();
         assert_eq!(allocated, s.bytes);
         assert!(s.bytes <= MAX_DUE_BYTES, "{}", s.bytes);
         // A time past u64's reach is filed, not wrapped into the past.
-        s.record(u64::MAX - 1, "r|h/far", now);
+        let _ = s.record(u64::MAX - 1, "r|h/far", now);
         assert!(s.due.keys().all(|&end| end >= now));
     }
 
     #[test]
     fn expired_urls_leave_a_batch_at_a_time_and_restored_ones_stay() {
-        let store = MemoryStore::new(64 << 20, IntCounter::new("e", "e").unwrap());
+        let store = MemoryStore::new(
+            64 << 20,
+            IntCounter::new("e", "e").unwrap(),
+            IntCounter::new("u", "u").unwrap(),
+        );
         let now = super::super::policy::now_ms();
         let n = SWEEP_BATCH * 3 + 10;
         for i in 0..n {
@@ -681,6 +700,7 @@ mod tests {
             "{left:?}"
         );
         assert_eq!(store.usage().0, 1, "{left:?}");
+        assert_eq!(store.untracked.get(), 0, "every expiry time was kept");
         assert!(matches!(
             store.find(&key(0), &HeaderMap::new(), now),
             Found::Entry(_)
