@@ -37,6 +37,82 @@ pub fn last_token_is(v: &[u8], token: &[u8]) -> bool {
         .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
+/// Which framing header [`FramingHeaders::observe`] took in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FramingHeader {
+    /// Content-Length.
+    ContentLength,
+    /// Transfer-Encoding.
+    TransferEncoding,
+    /// Connection.
+    Connection,
+}
+
+/// What a message head's framing headers say (RFC 9112 §6, §9.6), gathered one header at a
+/// time; each side (requests, upstream responses) then decides what it refuses.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FramingHeaders {
+    /// The Content-Length, when every value seen parsed and agreed.
+    pub length: Option<u64>,
+    /// Content-Length headers seen.
+    pub length_headers: usize,
+    /// A Content-Length value that does not parse.
+    pub length_invalid: bool,
+    /// Content-Length values that disagree.
+    pub length_conflict: bool,
+    /// A Transfer-Encoding header was present.
+    pub te: bool,
+    /// How often `chunked` is named across Transfer-Encoding values.
+    pub chunked: usize,
+    /// Codings named across Transfer-Encoding values.
+    pub codings: usize,
+    /// Whether the last Transfer-Encoding value ends with `chunked`.
+    pub last_chunked: bool,
+    /// Connection names `close`.
+    pub close: bool,
+    /// Connection names `keep-alive`.
+    pub keep_alive: bool,
+}
+
+impl FramingHeaders {
+    /// Takes in one header, by its name (any case) and value; which framing header it was.
+    pub fn observe(&mut self, name: &[u8], value: &[u8]) -> Option<FramingHeader> {
+        match name.len() {
+            14 if name.eq_ignore_ascii_case(b"content-length") => {
+                self.length_headers += 1;
+                match parse_length(value) {
+                    Some(n) if self.length.is_none_or(|l| l == n) => self.length = Some(n),
+                    Some(_) => self.length_conflict = true,
+                    None => self.length_invalid = true,
+                }
+                Some(FramingHeader::ContentLength)
+            }
+            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
+                self.te = true;
+                for coding in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    self.chunked += usize::from(coding.eq_ignore_ascii_case(b"chunked"));
+                    self.codings += usize::from(!coding.is_empty());
+                }
+                self.last_chunked = last_token_is(value, b"chunked");
+                Some(FramingHeader::TransferEncoding)
+            }
+            10 if name.eq_ignore_ascii_case(b"connection") => {
+                for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    self.close |= token.eq_ignore_ascii_case(b"close");
+                    self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                }
+                Some(FramingHeader::Connection)
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether a Content-Length value was invalid or disagreed with another.
+    pub fn bad_length(&self) -> bool {
+        self.length_invalid || self.length_conflict
+    }
+}
+
 /// Where a chunked body's decoding stands.
 #[derive(Clone, Copy, PartialEq, Debug)]
 pub enum Chunk {
@@ -215,6 +291,36 @@ pub fn chunk_step(buf: &mut BytesMut, chunk: &mut Chunk) -> Result<Step, ChunkEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn framing_headers_gather_lengths_codings_and_connection_tokens() {
+        let mut f = FramingHeaders::default();
+        assert_eq!(f.observe(b"Host", b"x"), None);
+        assert_eq!(
+            f.observe(b"Content-Length", b"5, 5"),
+            Some(FramingHeader::ContentLength)
+        );
+        assert_eq!((f.length, f.bad_length()), (Some(5), false));
+        f.observe(b"content-length", b"6");
+        assert_eq!(
+            (f.length, f.length_conflict, f.length_headers),
+            (Some(5), true, 2)
+        );
+        f.observe(b"content-length", b"x");
+        assert!(f.length_invalid);
+        f.observe(b"Transfer-Encoding", b"gzip, chunked");
+        f.observe(b"transfer-encoding", b"chunked");
+        assert_eq!(
+            (f.te, f.chunked, f.codings, f.last_chunked),
+            (true, 2, 3, true)
+        );
+        f.observe(b"TRANSFER-ENCODING", b"chunked, gzip");
+        assert!(!f.last_chunked, "the last value decides");
+        f.observe(b"Connection", b"Keep-Alive, x-foo");
+        assert_eq!((f.close, f.keep_alive), (false, true));
+        f.observe(b"connection", b" close ");
+        assert!(f.close);
+    }
 
     /// Decodes a chunked body fed `step` bytes at a time.
     fn dechunk(wire: &[u8], step: usize) -> Result<(Vec<u8>, Vec<u8>), ChunkError> {

@@ -24,7 +24,7 @@
 
 use super::ConnActivity;
 use crate::body::{ClientBody, ResponseBody};
-use crate::framing::{self, Chunk, ChunkError, Step};
+use crate::framing::{self, Chunk, ChunkError, FramingHeader, FramingHeaders, Step};
 use crate::proxy::ProxyError;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
@@ -338,55 +338,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             version,
             ..HeadInfo::default()
         };
-        let mut length: Option<u64> = None;
-        let mut bad_length = false;
-        let mut chunked = 0usize;
-        let mut te_last_chunked = false;
-        let mut te = false;
-        let mut te_codings = 0usize;
+        let mut f = FramingHeaders::default();
         let head = self.buf.split_to(len).freeze();
         let mut headers = HeaderMap::with_capacity(count + ADDED_HEADERS);
         for &(name_at, name_len, at, n) in &spans[..count] {
             let name = &head[name_at as usize..(name_at + name_len) as usize];
             let value = &head[at as usize..(at + n) as usize];
-            match name.len() {
-                14 if name.eq_ignore_ascii_case(b"content-length") => {
-                    let repeated = length.is_some();
-                    match framing::parse_length(value) {
-                        Some(v) if length.is_none_or(|l| l == v) => length = Some(v),
-                        _ => bad_length = true,
-                    }
+            let repeated = f.length.is_some();
+            match f.observe(name, value) {
+                Some(FramingHeader::ContentLength) => {
                     if repeated {
                         // The same length again: forwarded once.
                         continue;
                     }
-                    if let Some(v) = length.filter(|_| !value.iter().all(u8::is_ascii_digit)) {
+                    if let Some(v) = f.length.filter(|_| !value.iter().all(u8::is_ascii_digit)) {
                         // A list of equal lengths ("5, 5") goes on as one number.
                         headers.append(http::header::CONTENT_LENGTH, HeaderValue::from(v));
                         continue;
                     }
                 }
-                17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
-                    te = true;
-                    for coding in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                        if coding.eq_ignore_ascii_case(b"chunked") {
-                            chunked += 1;
-                        }
-                        te_codings += usize::from(!coding.is_empty());
-                    }
-                    te_last_chunked = framing::last_token_is(value, b"chunked");
-                }
-                10 if name.eq_ignore_ascii_case(b"connection") => {
-                    for token in value.split(|&b| b == b',') {
-                        let token = token.trim_ascii();
-                        if token.eq_ignore_ascii_case(b"close") {
-                            info.close = true;
-                        } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                            info.keep_alive_10 = true;
-                        }
-                    }
-                }
-                6 if name.eq_ignore_ascii_case(b"expect") => {
+                None if name.len() == 6 && name.eq_ignore_ascii_case(b"expect") => {
                     info.expect_continue = value.trim_ascii().eq_ignore_ascii_case(b"100-continue")
                         && version == Version::HTTP_11;
                 }
@@ -398,6 +369,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 .map_err(|_| ProxyError::BadRequest("invalid header value".into()))?;
             headers.append(name, value);
         }
+        info.close = f.close;
+        info.keep_alive_10 = f.keep_alive;
+        let (te, length, bad_length) = (f.te, f.length, f.bad_length());
         let uri = http::Uri::from_maybe_shared(head.slice(path_at))
             .map_err(|_| ProxyError::BadRequest("invalid request target".into()))?;
 
@@ -407,12 +381,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     "Transfer-Encoding is not allowed in an HTTP/1.0 request".into(),
                 ));
             }
-            if !te_last_chunked || chunked > 1 {
+            if !f.last_chunked || f.chunked > 1 {
                 return Err(ProxyError::BadRequest(
                     "Transfer-Encoding must end with chunked, named once".into(),
                 ));
             }
-            if te_codings > 1 {
+            if f.codings > 1 {
                 return Err(ProxyError::NotImplemented(
                     "transfer codings other than chunked are not supported".into(),
                 ));

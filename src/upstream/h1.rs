@@ -15,7 +15,7 @@
 
 use super::pool::Pool;
 use crate::body::{BodyError, RequestBody};
-use crate::framing::{Chunk, ChunkError, Step, chunk_step, last_token_is, parse_length};
+use crate::framing::{Chunk, ChunkError, FramingHeaders, Step, chunk_step};
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -508,47 +508,33 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, H1E
         StatusCode::from_u16(code).map_err(|_| H1Error::InvalidHead(format!("status {code}")))?;
     // Room for what the proxy adds on the way out (X-Request-Id, Via, the RateLimit pair).
     let mut headers = HeaderMap::with_capacity(count + 4);
-    let mut length: Option<u64> = None;
-    let mut chunked = None;
-    let mut chunked_count = 0;
-    let (mut saw_close, mut keep_alive) = (false, false);
+    let mut f = FramingHeaders::default();
     for &(name, name_len, value, value_len) in &ranges[..count] {
         let name = &head[name as usize..(name + name_len) as usize];
+        let value = head.slice(value as usize..(value + value_len) as usize);
+        f.observe(name, &value);
         let name = HeaderName::from_bytes(name)
             .map_err(|_| H1Error::InvalidHead("invalid header name".into()))?;
-        let value = HeaderValue::from_maybe_shared(
-            head.slice(value as usize..(value + value_len) as usize),
-        )
-        .map_err(|_| H1Error::InvalidHead(format!("invalid value of {name}")))?;
-        if name == http::header::CONTENT_LENGTH {
-            let n = parse_length(value.as_bytes())
-                .ok_or_else(|| H1Error::InvalidHead("invalid Content-Length".into()))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(H1Error::InvalidHead(
-                    "Content-Length values disagree".into(),
-                ));
-            }
-            length = Some(n);
-        } else if name == http::header::TRANSFER_ENCODING {
-            let tokens = value.as_bytes().split(|&b| b == b',');
-            chunked_count += tokens
-                .filter(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-                .count();
-            chunked = Some(last_token_is(value.as_bytes(), b"chunked"));
-        } else if name == http::header::CONNECTION {
-            for token in value.as_bytes().split(|&b| b == b',') {
-                let token = token.trim_ascii();
-                saw_close |= token.eq_ignore_ascii_case(b"close");
-                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
-            }
-        }
+        let value = HeaderValue::from_maybe_shared(value)
+            .map_err(|_| H1Error::InvalidHead(format!("invalid value of {name}")))?;
         headers.append(name, value);
     }
-    if chunked_count > 1 {
+    if f.length_invalid {
+        return Err(H1Error::InvalidHead("invalid Content-Length".into()));
+    }
+    if f.length_conflict {
+        return Err(H1Error::InvalidHead(
+            "Content-Length values disagree".into(),
+        ));
+    }
+    if f.chunked > 1 {
         return Err(H1Error::InvalidHead(
             "chunked applied more than once".into(),
         ));
     }
+    let length = f.length;
+    let chunked = f.te.then_some(f.last_chunked);
+    let (saw_close, keep_alive) = (f.close, f.keep_alive);
     // HTTP/1.0 keeps a connection only when asked, and never after a Transfer-Encoding
     // (RFC 9112 §6.1: such framing is faulty); `close` always wins.
     let mut close = saw_close || (minor == 0 && (!keep_alive || chunked.is_some()));
