@@ -13,8 +13,12 @@
 #              in the same rounds, for before/after comparisons on a noisy machine)
 #              CACHE (1: also measure cache hits: "ncache", nginx with proxy_cache
 #              (proxy_cache_valid 200 60s), against "pcache", Palisade with a 60 s route cache, on
-#              one URL; and "pkeys", Palisade cycling over KEYS (100000) distinct cached URLs,
-#              filled by a WARMUP_KEYS (20 s) warm-up, against its own single-key figure)
+#              one URL; and "pkeys", a second Palisade instance with the same config, cycling
+#              over KEYS (100000) distinct cached URLs, filled by a WARMUP_KEYS (20 s) warm-up,
+#              whose threads each cycle over their own share of the keys so that all are
+#              stored, against pcache's one-URL figure. Separate instances, as nginx's cache has none
+#              of those URLs either: the 100,000 entries a pkeys warm-up stores expire 60 s
+#              later, which in one shared instance fell in the next pcache round)
 #              RATELIMIT (1: also measure "limited", Palisade with a rate limit on the route that
 #              is never reached, against plain "palisade"; and "redis", the same limit kept in a
 #              redis-server on core 1, reporting Redis round trips per request)
@@ -59,6 +63,8 @@ REDIS_PORT=$((PORT_BASE + 60))
 NCACHE_PORT=$((PORT_BASE + 70))
 PCACHE_PORT=$((PORT_BASE + 80))
 PCACHE_ADMIN_PORT=$((PORT_BASE + 81))
+PKEYS_PORT=$((PORT_BASE + 90))
+PKEYS_ADMIN_PORT=$((PORT_BASE + 91))
 URL_PATH=/api/items/42
 
 for tool in nginx wrk taskset curl; do
@@ -153,8 +159,8 @@ to_ms() { # wrk latency such as 812.00us, 1.52ms, 1.01s
         else print "nan" }'
 }
 
-cache_lookups() { # hits and all lookups Palisade's cache has counted so far (pcache instance)
-    curl -s --max-time 2 "http://127.0.0.1:$PCACHE_ADMIN_PORT/metrics" |
+cache_lookups() { # admin port: hits and all lookups that Palisade's cache has counted so far
+    curl -s --max-time 2 "http://127.0.0.1:$1/metrics" |
         awk '/^palisade_cache_lookups_total/{n += $NF; if ($0 ~ /result="hit"/) h += $NF} END{print h + 0, n + 0}'
 }
 
@@ -169,15 +175,17 @@ measure() { # target port round [wrk script]: the cgroup is the port's owner's
     local target=$1 port=$2 round=$3 cg="$CGROOT/palisade-bench-$1" out="$WORK/wrk-$1-$3.txt"
     local url="http://127.0.0.1:$port$URL_PATH" script=() warm=$WARMUP
     [ -n "${4:-}" ] && script=(-s "$4") && warm=$WARMUP_KEYS
-    [ "$target" = pkeys ] && cg="$CGROOT/palisade-bench-pcache"
-    timeout $((warm + 10)) nice -n "$NICE" taskset -c 1 wrk -t"$THREADS" -c"$CONNECTIONS" -d"${warm}s" "${script[@]}" "$url" >/dev/null
+    FILL=1 THREADS=$THREADS timeout $((warm + 10)) nice -n "$NICE" taskset -c 1 wrk -t"$THREADS" -c"$CONNECTIONS" -d"${warm}s" "${script[@]}" "$url" >/dev/null
     read -r p0 t0 < <(throttled "$cg")
     read -r b0 a0 < <(cpu1_ticks)
     local c0 c1
     c0=$(cg_ticks "$cg")
     local r0=0 h0=0 l0=0
     [ "$target" = redis ] && r0=$(redis_scripts)
-    [ "$cg" = "$CGROOT/palisade-bench-pcache" ] && read -r h0 l0 < <(cache_lookups)
+    local admin=
+    [ "$target" = pcache ] && admin=$PCACHE_ADMIN_PORT
+    [ "$target" = pkeys ] && admin=$PKEYS_ADMIN_PORT
+    [ -n "$admin" ] && read -r h0 l0 < <(cache_lookups "$admin")
     timeout $((DURATION + 15)) nice -n "$NICE" taskset -c 1 wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency "${script[@]}" "$url" >"$out"
     read -r b1 a1 < <(cpu1_ticks)
     read -r p1 t1 < <(throttled "$cg")
@@ -188,8 +196,8 @@ measure() { # target port round [wrk script]: the cgroup is the port's owner's
     bad=$(awk '/Non-2xx or 3xx/{print $NF}' "$out")
     errs=$(awk '/Socket errors/{gsub(",", ""); print $4+$6+$8+$10}' "$out")
     local thr core1 reqs us hits="" h1 l1
-    if [ "$cg" = "$CGROOT/palisade-bench-pcache" ]; then
-        read -r h1 l1 < <(cache_lookups)
+    if [ -n "$admin" ]; then
+        read -r h1 l1 < <(cache_lookups "$admin")
         hits=$(awk -v h=$((h1 - h0)) -v l=$((l1 - l0)) 'BEGIN{printf "  cache hits %.2f%%", l ? 100 * h / l : 0}')
     fi
     reqs=$(awk '/requests in/{print $1}' "$out")
@@ -238,6 +246,9 @@ if [ "$CACHE" = 1 ]; then
     fill "$HERE/palisade.toml.in" "$PCACHE_PORT" "$WORK/pcache.toml" "$PCACHE_ADMIN_PORT"
     printf 'cache = { ttl = "60s" }\n\n[cache]\nmemory = "512MiB"\n' >>"$WORK/pcache.toml"
     "$PALISADE" check -c "$WORK/pcache.toml" >/dev/null
+    fill "$HERE/palisade.toml.in" "$PKEYS_PORT" "$WORK/pkeys.toml" "$PKEYS_ADMIN_PORT"
+    printf 'cache = { ttl = "60s" }\n\n[cache]\nmemory = "512MiB"\n' >>"$WORK/pkeys.toml"
+    "$PALISADE" check -c "$WORK/pkeys.toml" >/dev/null
 fi
 if [ "$RATELIMIT" = 1 ]; then
     # The route (the last table of the template) gets a limit far above what any run reaches.
@@ -271,9 +282,11 @@ fi
 if [ "$CACHE" = 1 ]; then
     make_cgroup ncache >/dev/null
     make_cgroup pcache >/dev/null
+    make_cgroup pkeys >/dev/null
     start_capped ncache "$WORK/nginx-cache.log" nginx -p "$WORK" -c "$WORK/nginx-cache.conf"
     start_capped pcache "$WORK/pcache.log" "$PALISADE" run -c "$WORK/pcache.toml"
-    ports="$ports $NCACHE_PORT $PCACHE_PORT"
+    start_capped pkeys "$WORK/pkeys.log" "$PALISADE" run -c "$WORK/pkeys.toml"
+    ports="$ports $NCACHE_PORT $PCACHE_PORT $PKEYS_PORT"
 fi
 if [ -n "$BASELINE" ]; then
     start_capped baseline "$WORK/baseline.log" "$BASELINE" run -c "$WORK/baseline.toml"
@@ -281,7 +294,6 @@ if [ -n "$BASELINE" ]; then
 fi
 for port in $ports; do wait_ready "$port"; done
 for t in $TARGETS; do
-    [ "$t" = pkeys ] && continue
     echo "  $t: tasks in $CGROOT/palisade-bench-$t: $(wc -l <"$CGROOT/palisade-bench-$t/tasks")"
 done
 
@@ -299,7 +311,7 @@ for round in $(seq "$ROUNDS"); do
             redis) measure redis "$REDIS_LIMITED_PORT" "$round" ;;
             ncache) measure ncache "$NCACHE_PORT" "$round" ;;
             pcache) measure pcache "$PCACHE_PORT" "$round" ;;
-            pkeys) measure pkeys "$PCACHE_PORT" "$round" "$HERE/keys.lua" ;;
+            pkeys) measure pkeys "$PKEYS_PORT" "$round" "$HERE/keys.lua" ;;
         esac
     done
 done
