@@ -26,6 +26,8 @@ pub const MAX_VARIANTS: usize = 8;
 /// Memory a stored header takes beyond its name and value: its slot in the header map (the
 /// bucket and index) and the value's share of the entry's allocation.
 const HEADER_SLOT: usize = 128;
+/// The shared encoded head's own allocation (its struct and reference counts).
+const HEAD_LINES_OVERHEAD: usize = std::mem::size_of::<HeadLines>() + 16;
 /// Memory a stored URL takes beyond its body and headers: the entry's structs and reference
 /// counts, the cache's hash-table slot, deque and timer nodes, its key twice over, and
 /// allocator rounding.
@@ -119,7 +121,7 @@ impl CachedResponse {
             .iter()
             .map(|(k, v)| k.as_str().len() + v.as_ref().map_or(0, |v| v.len()) + 64)
             .sum();
-        self.body.len() + headers + vary + ENTRY_OVERHEAD
+        self.body.len() + headers + vary + HEAD_LINES_OVERHEAD + ENTRY_OVERHEAD
     }
 
     /// Age in ms at `now_ms`.
@@ -245,7 +247,8 @@ fn encode(headers: &HeaderMap) -> (HeaderMap, HeadLines, bool) {
     (out, head, limit_headers)
 }
 
-/// A stored copy of a request header value that selected a variant (see [`compact`]).
+/// A stored copy of a request header value that selected a variant, in an allocation of its
+/// own (see [`CachedResponse::new`]).
 pub fn own_value(v: &HeaderValue) -> HeaderValue {
     HeaderValue::from_bytes(v.as_bytes()).unwrap_or_else(|_| v.clone())
 }

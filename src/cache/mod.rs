@@ -171,10 +171,26 @@ pub struct ResponseCache {
 pub const HOUSEKEEPING_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 /// The shortest pause between two sweeps of expired entries while more are due.
 pub const SWEEP_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
-/// While expired entries wait, the pause after a sweep is this many times as long as the
-/// sweep took: the sweeper keeps to a tenth of a core at most, so that a wave of entries
-/// expiring together takes longer to leave but never takes the workers' CPU in long bursts.
+/// While expired entries wait, the pause after a sweep is this many times the CPU time the
+/// sweep took: the sweeper keeps to a tenth of a core (for sweeps under 5 ms, as pauses stop
+/// at [`HOUSEKEEPING_EVERY`]), so that a wave of entries expiring together takes longer to
+/// leave but never takes the workers' CPU in long bursts.
 pub const SWEEP_PAUSE_FACTOR: u32 = 9;
+
+/// CPU time the calling thread has used: what paces the sweeps (wall time would also count
+/// the time the thread waited, throttled by a CPU quota or behind a worker on its core).
+fn thread_cpu_time() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID always exists on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return std::time::Duration::ZERO;
+    }
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
 
 impl ResponseCache {
     /// A cache with `memory` bytes of budget; bodies over `max_object_size` are not stored.
@@ -209,12 +225,12 @@ impl ResponseCache {
             .name("cache-housekeeping".into())
             .spawn(move || {
                 while let Some(cache) = weak.upgrade() {
-                    let started = std::time::Instant::now();
+                    let started = thread_cpu_time();
                     let more = cache.memory.sweep(now_ms());
                     cache.memory.settle();
                     drop(cache);
                     std::thread::sleep(if more {
-                        (started.elapsed() * SWEEP_PAUSE_FACTOR)
+                        (thread_cpu_time().saturating_sub(started) * SWEEP_PAUSE_FACTOR)
                             .clamp(SWEEP_PAUSE, HOUSEKEEPING_EVERY)
                     } else {
                         HOUSEKEEPING_EVERY

@@ -512,20 +512,20 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, H1E
     for &(name, name_len, value, value_len) in &ranges[..count] {
         let name = &head[name as usize..(name + name_len) as usize];
         let value = head.slice(value as usize..(value + value_len) as usize);
-        f.observe(name, &value);
-        let name = HeaderName::from_bytes(name)
+        let header_name = HeaderName::from_bytes(name)
             .map_err(|_| H1Error::InvalidHead("invalid header name".into()))?;
-        let value = HeaderValue::from_maybe_shared(value)
-            .map_err(|_| H1Error::InvalidHead(format!("invalid value of {name}")))?;
-        headers.append(name, value);
-    }
-    if f.length_invalid {
-        return Err(H1Error::InvalidHead("invalid Content-Length".into()));
-    }
-    if f.length_conflict {
-        return Err(H1Error::InvalidHead(
-            "Content-Length values disagree".into(),
-        ));
+        let header_value = HeaderValue::from_maybe_shared(value)
+            .map_err(|_| H1Error::InvalidHead(format!("invalid value of {header_name}")))?;
+        f.observe(name, header_value.as_bytes());
+        if f.length_invalid {
+            return Err(H1Error::InvalidHead("invalid Content-Length".into()));
+        }
+        if f.length_conflict {
+            return Err(H1Error::InvalidHead(
+                "Content-Length values disagree".into(),
+            ));
+        }
+        headers.append(header_name, header_value);
     }
     if f.chunked > 1 {
         return Err(H1Error::InvalidHead(
