@@ -24,8 +24,8 @@ end
 function request()
     local k
     if fill then
-        local share = math.floor((keys - 1 - index) / threads) + 1
-        k = index + threads * (counter % share)
+        local share = math.max(1, math.floor((keys - 1 - index) / threads) + 1)
+        k = (index + threads * (counter % share)) % keys
     else
         k = (offset + counter) % keys
     end

@@ -13,7 +13,9 @@
 #              in the same rounds, for before/after comparisons on a noisy machine)
 #              CACHE (1: also measure cache hits: "ncache", nginx with proxy_cache
 #              (proxy_cache_valid 200 60s), against "pcache", Palisade with a 60 s route cache, on
-#              one URL; and "pkeys", a second Palisade instance with the same config, cycling
+#              one URL; and "pkeys", a second Palisade instance (the same config with a one-hour
+#              TTL, so that no URL it stores expires during the bench: rounds 1 and 2 run back
+#              to back, and a fill's first URLs would expire 60 s later, in round 2), cycling
 #              over KEYS (100000) distinct cached URLs, filled by a WARMUP_KEYS (20 s) warm-up,
 #              whose threads each cycle over their own share of the keys so that all are
 #              stored, against pcache's one-URL figure. Separate instances, as nginx's cache has none
@@ -247,7 +249,7 @@ if [ "$CACHE" = 1 ]; then
     printf 'cache = { ttl = "60s" }\n\n[cache]\nmemory = "512MiB"\n' >>"$WORK/pcache.toml"
     "$PALISADE" check -c "$WORK/pcache.toml" >/dev/null
     fill "$HERE/palisade.toml.in" "$PKEYS_PORT" "$WORK/pkeys.toml" "$PKEYS_ADMIN_PORT"
-    printf 'cache = { ttl = "60s" }\n\n[cache]\nmemory = "512MiB"\n' >>"$WORK/pkeys.toml"
+    printf 'cache = { ttl = "3600s" }\n\n[cache]\nmemory = "512MiB"\n' >>"$WORK/pkeys.toml"
     "$PALISADE" check -c "$WORK/pkeys.toml" >/dev/null
 fi
 if [ "$RATELIMIT" = 1 ]; then
