@@ -208,36 +208,37 @@ fn encode(headers: &HeaderMap) -> (HeaderMap, HeadLines, bool) {
         .map(|(n, v)| n.as_str().len() + v.len() + 4)
         .sum();
     let mut buf = Vec::with_capacity(size);
-    let mut spans = Vec::with_capacity(headers.len());
+    // Each header with where its value starts in `buf`, in the order they are written.
+    let mut placed = Vec::with_capacity(headers.len());
+    let mut rest = Vec::new();
     let mut head = HeadLines::default();
     for (name, v) in headers {
-        if in_lines(name) {
-            buf.extend_from_slice(name.as_str().as_bytes());
-            buf.extend_from_slice(b": ");
-            spans.push(buf.len());
-            buf.extend_from_slice(v.as_bytes());
-            buf.extend_from_slice(b"\r\n");
-            head.date |= name == header::DATE;
+        if !in_lines(name) {
+            rest.push((name, v));
+            continue;
         }
+        buf.extend_from_slice(name.as_str().as_bytes());
+        buf.extend_from_slice(b": ");
+        placed.push((name, v, buf.len()));
+        buf.extend_from_slice(v.as_bytes());
+        buf.extend_from_slice(b"\r\n");
+        head.date |= name == header::DATE;
     }
     let lines_end = buf.len();
     let mut limit_headers = false;
-    for (name, v) in headers {
-        if !in_lines(name) {
-            spans.push(buf.len());
-            buf.extend_from_slice(v.as_bytes());
-            if name == header::CONTENT_LENGTH {
-                head.length = crate::framing::parse_length(v.as_bytes());
-            }
-            limit_headers |= name == crate::proxy::headers::RATELIMIT
-                || name == crate::proxy::headers::RATELIMIT_POLICY;
+    for (name, v) in rest {
+        placed.push((name, v, buf.len()));
+        buf.extend_from_slice(v.as_bytes());
+        if name == header::CONTENT_LENGTH {
+            head.length = crate::framing::parse_length(v.as_bytes());
         }
+        limit_headers |= name == crate::proxy::headers::RATELIMIT
+            || name == crate::proxy::headers::RATELIMIT_POLICY;
     }
     let all = Bytes::from(buf);
     head.lines = all.slice(..lines_end);
     let mut out = HeaderMap::with_capacity(headers.len());
-    let (lined, rest): (Vec<_>, Vec<_>) = headers.iter().partition(|(n, _)| in_lines(n));
-    for ((name, v), at) in lined.into_iter().chain(rest).zip(spans) {
+    for (name, v, at) in placed {
         // The bytes were a valid value a moment ago.
         let mut value = HeaderValue::from_maybe_shared(all.slice(at..at + v.len()))
             .unwrap_or_else(|_| v.clone());
