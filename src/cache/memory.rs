@@ -1,21 +1,26 @@
-//! The memory tier: a moka cache (TinyLFU admission, size-aware eviction) of every variant of
-//! a URL, bounded by `cache.memory` bytes. A URL's variants live together so that invalidating
-//! the URL removes all of them with one key; each entry expires when its last stale window ends.
+//! The memory tier: a quick_cache cache (Clock-PRO eviction, weighted by size) of every
+//! variant of a URL, bounded by `cache.memory` bytes. A URL's variants live together so that
+//! invalidating the URL removes all of them with one key; each entry expires when its last
+//! stale window ends.
 //!
-//! Expiry is Palisade's, not moka's: moka removes every entry that expired in one maintenance
-//! run, on whichever thread runs it, so 100,000 entries stored together and expiring together
-//! stalled a request for over 100 ms. Here each stored URL's expiry time goes to a queue that
-//! the housekeeping thread ([`MemoryStore::sweep`]) works through at most [`SWEEP_BATCH`]
-//! entries at a time; until then, an entry past its expiry is never served.
+//! quick_cache rather than moka: a lookup is one read-locked probe of a shard's table and a
+//! reference bit, where moka's also queues a read that its maintenance later replays (the
+//! frequency sketch, a move in the access-order list). Over 100,000 URLs, whose entries are
+//! out of the CPU's caches, that replay touched several more cold lines per hit; a lookup took
+//! 1.65 µs against quick_cache's 0.8 µs (one key: 130 ns against 30 ns).
+//!
+//! Expiry is Palisade's own: each stored URL's expiry time goes to a queue that the
+//! housekeeping thread ([`MemoryStore::sweep`]) works through at most [`SWEEP_BATCH`] entries
+//! at a time, so that a wave of entries stored together and expiring together is removed
+//! spread out; until then, an entry past its expiry is never served.
 
 use super::key::CacheKey;
 use super::policy::Freshness;
 use crate::body::HeadLines;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
-use moka::notification::RemovalCause;
-use moka::ops::compute::Op;
 use prometheus::IntCounter;
+use quick_cache::sync::{EntryAction, EntryResult};
 use std::collections::BTreeMap;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
@@ -29,9 +34,18 @@ const HEADER_SLOT: usize = 128;
 /// The shared encoded head's own allocation (its struct and reference counts).
 const HEAD_LINES_OVERHEAD: usize = std::mem::size_of::<HeadLines>() + 16;
 /// Memory a stored URL takes beyond its body and headers: the entry's structs and reference
-/// counts, the cache's hash-table slot, deque and timer nodes, its key twice over, and
-/// allocator rounding.
+/// counts, the cache's table slot, its key in the expiry queue, and allocator rounding.
 const ENTRY_OVERHEAD: usize = 800;
+/// The most shards the memory tier is split into (each has its own lock and its share of the
+/// budget).
+const MAX_SHARDS: u64 = 8;
+/// Fewer shards when a shard's share of the budget would hold fewer than this many of the
+/// largest bodies: quick_cache refuses an entry heavier than its shard's share.
+const LARGEST_PER_SHARD: u64 = 4;
+/// The bytes per stored URL assumed to size the table at start (it grows past it).
+const EXPECTED_URL_BYTES: u64 = 4096;
+/// Longest a store waits for another store of the same URL to finish.
+const ENTRY_WAIT: Duration = Duration::from_millis(100);
 
 /// Most expired URLs one [`MemoryStore::sweep`] removes.
 pub const SWEEP_BATCH: usize = 64;
@@ -71,6 +85,8 @@ pub struct CachedResponse {
     /// Whether `headers` hold a RateLimit header (served from the header map: a rate-limited
     /// route replaces it).
     pub limit_headers: bool,
+    /// [`CachedResponse::weight`], computed once: the cache weighs entries while it evicts.
+    weight: usize,
 }
 
 /// Headers each hit sets itself (or a rate-limited route does), replacing a stored one: they
@@ -82,6 +98,19 @@ const SET_ON_HIT: [&HeaderName; 5] = [
     &crate::proxy::headers::RATELIMIT,
     &crate::proxy::headers::RATELIMIT_POLICY,
 ];
+
+/// [`CachedResponse::weight`] of these parts.
+fn weigh(headers: &HeaderMap, body: &Bytes, vary: &[(HeaderName, Option<HeaderValue>)]) -> usize {
+    let headers: usize = headers
+        .iter()
+        .map(|(k, v)| 2 * k.as_str().len() + v.len() + 4 + HEADER_SLOT)
+        .sum();
+    let vary: usize = vary
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.as_ref().map_or(0, |v| v.len()) + 64)
+        .sum();
+    body.len() + headers + vary + HEAD_LINES_OVERHEAD + ENTRY_OVERHEAD
+}
 
 impl CachedResponse {
     /// A stored response. Its header values are copied into one allocation of their own, the
@@ -95,6 +124,7 @@ impl CachedResponse {
         vary: Vec<(HeaderName, Option<HeaderValue>)>,
     ) -> Self {
         let (headers, head, limit_headers) = encode(headers);
+        let weight = weigh(&headers, &body, &vary);
         CachedResponse {
             status,
             headers,
@@ -103,6 +133,7 @@ impl CachedResponse {
             vary,
             head: Arc::new(head),
             limit_headers,
+            weight,
         }
     }
 
@@ -111,17 +142,7 @@ impl CachedResponse {
     /// cache's bookkeeping for it, allocator rounding). The constants were measured: 48k
     /// entries of 1 KiB bodies with three headers took 2.4 KB each in RSS.
     pub fn weight(&self) -> usize {
-        let headers: usize = self
-            .headers
-            .iter()
-            .map(|(k, v)| 2 * k.as_str().len() + v.len() + 4 + HEADER_SLOT)
-            .sum();
-        let vary: usize = self
-            .vary
-            .iter()
-            .map(|(k, v)| k.as_str().len() + v.as_ref().map_or(0, |v| v.len()) + 64)
-            .sum();
-        self.body.len() + headers + vary + HEAD_LINES_OVERHEAD + ENTRY_OVERHEAD
+        self.weight
     }
 
     /// Age in ms at `now_ms`.
@@ -307,9 +328,41 @@ pub enum Found {
     None,
 }
 
+/// Weighs a URL's variants for the budget.
+#[derive(Clone)]
+struct VariantsWeight;
+
+impl quick_cache::Weighter<Arc<str>, Arc<Variants>> for VariantsWeight {
+    fn weight(&self, _: &Arc<str>, v: &Arc<Variants>) -> u64 {
+        u64::from(v.weight())
+    }
+}
+
+/// Counts the URLs the cache evicts to keep to its budget (and those too heavy to admit).
+#[derive(Clone)]
+struct CountEvictions(IntCounter);
+
+impl quick_cache::Lifecycle<Arc<str>, Arc<Variants>> for CountEvictions {
+    type RequestState = ();
+
+    fn begin_request(&self) {}
+
+    fn on_evict(&self, _: &mut (), _: Arc<str>, _: Arc<Variants>) {
+        self.0.inc();
+    }
+}
+
+type Table = quick_cache::sync::Cache<
+    Arc<str>,
+    Arc<Variants>,
+    VariantsWeight,
+    foldhash::quality::RandomState,
+    CountEvictions,
+>;
+
 /// The memory tier.
 pub struct MemoryStore {
-    cache: moka::sync::Cache<Arc<str>, Arc<Variants>, foldhash::quality::RandomState>,
+    cache: Table,
     expiries: SyncSender<(u64, Arc<str>)>,
     sweeper: Mutex<Sweeper>,
     untracked: IntCounter,
@@ -377,18 +430,26 @@ impl Sweeper {
 }
 
 impl MemoryStore {
-    /// A store of at most `budget` bytes; size evictions count in `evictions`, expiry times
-    /// the sweeper could not keep in `untracked`.
-    pub fn new(budget: u64, evictions: IntCounter, untracked: IntCounter) -> Self {
-        let cache = moka::sync::Cache::builder()
-            .max_capacity(budget)
-            .weigher(|_, v: &Arc<Variants>| v.weight())
-            .eviction_listener(move |_, _, cause| {
-                if cause == RemovalCause::Size {
-                    evictions.inc();
-                }
-            })
-            .build_with_hasher(foldhash::quality::RandomState::default());
+    /// A store of at most `budget` bytes for bodies of at most `largest`; size evictions
+    /// count in `evictions`, expiry times the sweeper could not keep in `untracked`.
+    pub fn new(budget: u64, largest: u64, evictions: IntCounter, untracked: IntCounter) -> Self {
+        let heaviest = largest.saturating_add(64 << 10);
+        let mut shards = MAX_SHARDS;
+        while shards > 1 && budget / shards < LARGEST_PER_SHARD.saturating_mul(heaviest) {
+            shards /= 2;
+        }
+        let options = quick_cache::OptionsBuilder::new()
+            .shards(shards as usize)
+            .weight_capacity(budget)
+            .estimated_items_capacity((budget / EXPECTED_URL_BYTES).clamp(1024, 1 << 20) as usize)
+            .build()
+            .expect("shards, weight and items are all set");
+        let cache = Table::with_options(
+            options,
+            VariantsWeight,
+            foldhash::quality::RandomState::default(),
+            CountEvictions(evictions),
+        );
         let (expiries, incoming) = sync_channel(EXPIRY_QUEUE);
         MemoryStore {
             cache,
@@ -451,20 +512,19 @@ impl MemoryStore {
             let Ok(key) = std::str::from_utf8(&sweeper.current[at + 2..at + 2 + len]) else {
                 continue;
             };
-            let key: Arc<str> = Arc::from(key);
             let mut later = None;
-            let _ = self.cache.entry(key.clone()).and_compute_with(|e| match e {
-                Some(e) if e.value().useless_after_ms() <= now_ms => Op::Remove,
-                Some(e) => {
-                    later = Some(e.value().useless_after_ms());
-                    Op::Nop
+            let _ = self.cache.remove_if(key, |v| match v.useless_after_ms() {
+                at if at <= now_ms => true,
+                at => {
+                    later = Some(at);
+                    false
                 }
-                None => Op::Nop,
             });
-            if let Some(at) = later
-                && !sweeper.record(at, &key, now_ms)
-            {
-                self.untracked.inc();
+            if let Some(at) = later {
+                let key = key.to_owned();
+                if !sweeper.record(at, &key, now_ms) {
+                    self.untracked.inc();
+                }
             }
             removed += 1;
         }
@@ -493,45 +553,42 @@ impl MemoryStore {
 
     /// Adds or replaces one variant; returns the URL's variants as now stored.
     pub fn insert(&self, key: &CacheKey, entry: Arc<CachedResponse>) -> Arc<Variants> {
-        let v = self.upsert(key.as_str(), |old| match old {
-            Some(old) => Arc::new(old.with(entry)),
+        self.upsert(key.as_str(), |old| match old {
+            Some(old) => Arc::new(old.with(entry.clone())),
             None => Arc::new(Variants {
                 key: key.clone(),
-                entries: vec![entry],
+                entries: vec![entry.clone()],
             }),
-        });
-        self.settle();
-        v
+        })
     }
 
-    /// Stores what `make` builds from the URL's current variants, through the entry API
-    /// (which moka serialises with the sweep's check-and-remove of the same URL), and tells
-    /// the sweeper when a URL new to the store expires.
+    /// Stores what `make` builds from the URL's current variants, under the lock of the URL's
+    /// shard (which serialises it with the sweep's check-and-remove of the same URL), and tells the
+    /// sweeper when a URL new to the store expires. The evictions that make room happen here,
+    /// on the storing thread. Should another store of the URL hold it past [`ENTRY_WAIT`], the
+    /// variants are returned unstored.
     fn upsert(
         &self,
         key: &str,
-        make: impl FnOnce(Option<Arc<Variants>>) -> Arc<Variants>,
+        make: impl Fn(Option<&Arc<Variants>>) -> Arc<Variants>,
     ) -> Arc<Variants> {
         let name: Arc<str> = Arc::from(key);
-        let mut new = false;
-        let v = self
-            .cache
-            .entry(name.clone())
-            .and_upsert_with(|old| {
-                new = old.is_none();
-                make(old.map(|e| e.into_value()))
-            })
-            .into_value();
-        if new {
-            self.schedule(name, &v);
+        let stored = self.cache.entry(&name, Some(ENTRY_WAIT), |_, v| {
+            *v = make(Some(v));
+            EntryAction::Retain(v.clone())
+        });
+        match stored {
+            EntryResult::Retained(v) => v,
+            EntryResult::Vacant(guard) => {
+                let v = make(None);
+                let _ = guard.insert(v.clone());
+                self.schedule(name, &v);
+                v
+            }
+            EntryResult::Removed(..) | EntryResult::Replaced(..) | EntryResult::Timeout => {
+                make(None)
+            }
         }
-        v
-    }
-
-    /// Applies pending evictions and removals now: moka batches them, and a batch of large
-    /// bodies stored before it runs would overshoot the byte budget.
-    pub fn settle(&self) {
-        self.cache.run_pending_tasks();
     }
 
     /// Stores all variants of a URL at once (a fill from the shared tier).
@@ -546,7 +603,7 @@ impl MemoryStore {
 
     /// Removes every URL whose key satisfies `pred`; how many.
     pub fn purge_if(&self, pred: impl Fn(&CacheKey) -> bool) -> usize {
-        let doomed: Vec<Arc<Arc<str>>> = self
+        let doomed: Vec<Arc<str>> = self
             .cache
             .iter()
             .filter(|(_, v)| pred(&v.key))
@@ -554,13 +611,13 @@ impl MemoryStore {
             .collect();
         doomed
             .iter()
-            .filter(|k| self.cache.remove(&***k).is_some())
+            .filter(|k| self.cache.remove(&**k).is_some())
             .count()
     }
 
-    /// URLs stored and their weight in bytes, as of the last housekeeping run.
+    /// URLs stored and their weight in bytes.
     pub fn usage(&self) -> (u64, u64) {
-        (self.cache.entry_count(), self.cache.weighted_size())
+        (self.cache.len() as u64, self.cache.weight())
     }
 }
 
@@ -629,6 +686,45 @@ mod tests {
     }
 
     #[test]
+    fn the_largest_body_is_admitted_and_the_budget_holds() {
+        let evictions = IntCounter::new("e", "e").unwrap();
+        // 8 shards of 512 KiB each would refuse a 1 MiB body; the store uses fewer.
+        let store = MemoryStore::new(
+            4 << 20,
+            1 << 20,
+            evictions.clone(),
+            IntCounter::new("u", "u").unwrap(),
+        );
+        let now = super::super::policy::now_ms();
+        let big = || {
+            Arc::new(CachedResponse::new(
+                StatusCode::OK,
+                &HeaderMap::new(),
+                Bytes::from(vec![b'x'; 1 << 20]),
+                Freshness {
+                    stored_at_ms: now,
+                    fresh_ms: 60_000,
+                    swr_ms: 0,
+                    sie_ms: 0,
+                },
+                Vec::new(),
+            ))
+        };
+        store.insert(&key(0), big());
+        assert!(matches!(
+            store.find(&key(0), &HeaderMap::new(), now),
+            Found::Entry(_)
+        ));
+        assert_eq!(evictions.get(), 0);
+        for i in 1..12 {
+            store.insert(&key(i), big());
+            let (_, bytes) = store.usage();
+            assert!(bytes <= 4 << 20, "{bytes} bytes stored after {i} MiB");
+        }
+        assert!(evictions.get() >= 8, "{} evictions", evictions.get());
+    }
+
+    #[test]
     fn far_expiries_share_buckets_and_the_bookkeeping_is_bounded() {
         let (_tx, incoming) = sync_channel(1);
         let mut s = Sweeper {
@@ -663,6 +759,7 @@ mod tests {
     fn expired_urls_leave_a_batch_at_a_time_and_restored_ones_stay() {
         let store = MemoryStore::new(
             64 << 20,
+            1 << 20,
             IntCounter::new("e", "e").unwrap(),
             IntCounter::new("u", "u").unwrap(),
         );
@@ -681,7 +778,6 @@ mod tests {
             matches!(store.find(&key(1), &HeaderMap::new(), now), Found::None),
             "expired entries are never found"
         );
-        store.settle();
         assert_eq!(
             store.usage().0,
             n as u64,
@@ -691,12 +787,10 @@ mod tests {
         let mut sweeps = 0;
         let mut left = vec![store.usage().0];
         while store.sweep(now) {
-            store.settle();
             sweeps += 1;
             left.push(store.usage().0);
             assert!(sweeps < 10);
         }
-        store.settle();
         left.push(store.usage().0);
         assert_eq!(sweeps, 3, "{left:?}");
         assert!(

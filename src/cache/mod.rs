@@ -195,20 +195,19 @@ fn thread_cpu_time() -> std::time::Duration {
 impl ResponseCache {
     /// A cache with `memory` bytes of budget; bodies over `max_object_size` are not stored.
     ///
-    /// A thread of its own runs the memory tier's housekeeping (expiry, eviction) every
-    /// [`HOUSEKEEPING_EVERY`], and while expired entries wait a batch at a time, paced by
-    /// [`SWEEP_PAUSE_FACTOR`], so that a wave of expiring entries is removed there, spread
-    /// out, instead of in one long batch on a request's worker thread. Removing an entry
-    /// costs about a third of a hit (moka's table rehashes its keys as removals add up): at
-    /// the old pace, 256 every 2 ms, a 100,000-URL wave under a 40% CPU quota doubled the
-    /// one-URL hit p99 (9-10 ms to 17-18 ms). It runs at the workers' priority: it
-    /// holds moka's maintenance lock, which a worker storing an entry waits for (at nice 10,
-    /// one load-bench round under a CPU quota had a 106 ms p99; at the workers' priority the
-    /// same round had 14 ms). It ends when the cache is dropped.
+    /// A thread of its own removes expired entries every [`HOUSEKEEPING_EVERY`], and while
+    /// more wait a batch at a time, paced by [`SWEEP_PAUSE_FACTOR`], so that a wave of
+    /// expiring entries is removed there, spread out, instead of in one long batch on a
+    /// request's worker thread. At an earlier pace, 256 every 2 ms with moka as the store
+    /// (whose removals cost about a third of a hit), a 100,000-URL wave under a 40% CPU quota
+    /// doubled the one-URL hit p99 (9-10 ms to 17-18 ms). It runs at the workers' priority:
+    /// a removal holds the lock of the URL's shard, which a worker storing into that shard
+    /// waits for. It ends when the cache is dropped.
     pub fn new(memory: u64, max_object_size: u64, metrics: &Metrics) -> Arc<Self> {
         let cache = Arc::new(ResponseCache {
             memory: MemoryStore::new(
                 memory,
+                max_object_size,
                 metrics.cache_evictions.with_label_values(&["memory"]),
                 metrics
                     .cache_untracked_expiries
@@ -227,7 +226,6 @@ impl ResponseCache {
                 while let Some(cache) = weak.upgrade() {
                     let started = thread_cpu_time();
                     let more = cache.memory.sweep(now_ms());
-                    cache.memory.settle();
                     drop(cache);
                     std::thread::sleep(if more {
                         (thread_cpu_time().saturating_sub(started) * SWEEP_PAUSE_FACTOR)
