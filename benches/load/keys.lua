@@ -15,10 +15,18 @@ function setup(thread)
     threads = threads + 1
 end
 
+-- Every request is formatted once, here, before wrk starts its clock: formatting one per call
+-- (wrk.format builds a table of headers each time) held wrk's threads to about 85% of what
+-- the proxy under test could serve, so that the figure measured wrk.
+local requests = {}
+
 function init(args)
     offset = tonumber(offset) or 0
     index = tonumber(index) or 0
     threads = tonumber(os.getenv("THREADS") or "2")
+    for k = 0, keys - 1 do
+        requests[k + 1] = wrk.format("GET", "/api/items/42?k=" .. k)
+    end
 end
 
 function request()
@@ -30,5 +38,5 @@ function request()
         k = (offset + counter) % keys
     end
     counter = counter + 1
-    return wrk.format("GET", "/api/items/42?k=" .. k)
+    return requests[k + 1]
 end
