@@ -178,7 +178,7 @@ impl Metrics {
             ),
             cache_evictions: counter(
                 "palisade_cache_evictions_total",
-                "Entries a cache tier evicted to stay within its budget.",
+                "Entries a cache tier evicted to stay within its budget (memory: also entries too large for their shard's share, never admitted).",
                 &["tier"],
             ),
             cache_untracked_expiries: counter(

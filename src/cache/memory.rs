@@ -39,13 +39,15 @@ const ENTRY_OVERHEAD: usize = 800;
 /// The most shards the memory tier is split into (each has its own lock and its share of the
 /// budget).
 const MAX_SHARDS: u64 = 8;
-/// Fewer shards when a shard's share of the budget would hold fewer than this many of the
-/// largest bodies: quick_cache refuses an entry heavier than its shard's share.
-const LARGEST_PER_SHARD: u64 = 4;
+/// The share of a shard's budget an entry (a URL's variants) may weigh: quick_cache refuses a
+/// heavier one (and the store counts it as evicted). Fewer shards are used when one's share
+/// would not hold [`MAX_VARIANTS`] of the largest bodies.
+const ADMIT_PERCENT: u64 = 97;
 /// The bytes per stored URL assumed to size the table at start (it grows past it).
 const EXPECTED_URL_BYTES: u64 = 4096;
-/// Longest a store waits for another store of the same URL to finish.
-const ENTRY_WAIT: Duration = Duration::from_millis(100);
+/// Longest a store waits for a concurrent store of the same URL (in the microseconds between
+/// its lookup and its insert); past it, this store is skipped.
+const ENTRY_WAIT: Duration = Duration::from_millis(1);
 
 /// Most expired URLs one [`MemoryStore::sweep`] removes.
 pub const SWEEP_BATCH: usize = 64;
@@ -338,17 +340,22 @@ impl quick_cache::Weighter<Arc<str>, Arc<Variants>> for VariantsWeight {
     }
 }
 
-/// Counts the URLs the cache evicts to keep to its budget (and those too heavy to admit).
+/// Counts the URLs the cache evicts to keep to its budget (and those too heavy to admit), and
+/// holds them until the request that evicted them ends, so that they are freed after the
+/// shard's lock is released.
 #[derive(Clone)]
 struct CountEvictions(IntCounter);
 
 impl quick_cache::Lifecycle<Arc<str>, Arc<Variants>> for CountEvictions {
-    type RequestState = ();
+    type RequestState = Vec<Arc<Variants>>;
 
-    fn begin_request(&self) {}
+    fn begin_request(&self) -> Self::RequestState {
+        Vec::new()
+    }
 
-    fn on_evict(&self, _: &mut (), _: Arc<str>, _: Arc<Variants>) {
+    fn on_evict(&self, evicted: &mut Self::RequestState, _: Arc<str>, v: Arc<Variants>) {
         self.0.inc();
+        evicted.push(v);
     }
 }
 
@@ -433,9 +440,9 @@ impl MemoryStore {
     /// A store of at most `budget` bytes for bodies of at most `largest`; size evictions
     /// count in `evictions`, expiry times the sweeper could not keep in `untracked`.
     pub fn new(budget: u64, largest: u64, evictions: IntCounter, untracked: IntCounter) -> Self {
-        let heaviest = largest.saturating_add(64 << 10);
+        let heaviest = (MAX_VARIANTS as u64).saturating_mul(largest.saturating_add(64 << 10));
         let mut shards = MAX_SHARDS;
-        while shards > 1 && budget / shards < LARGEST_PER_SHARD.saturating_mul(heaviest) {
+        while shards > 1 && budget / shards / 100 * ADMIT_PERCENT < heaviest {
             shards /= 2;
         }
         let options = quick_cache::OptionsBuilder::new()
@@ -552,7 +559,7 @@ impl MemoryStore {
     }
 
     /// Adds or replaces one variant; returns the URL's variants as now stored.
-    pub fn insert(&self, key: &CacheKey, entry: Arc<CachedResponse>) -> Arc<Variants> {
+    pub fn insert(&self, key: &CacheKey, entry: Arc<CachedResponse>) -> Option<Arc<Variants>> {
         self.upsert(key.as_str(), |old| match old {
             Some(old) => Arc::new(old.with(entry.clone())),
             None => Arc::new(Variants {
@@ -563,37 +570,47 @@ impl MemoryStore {
     }
 
     /// Stores what `make` builds from the URL's current variants, under the lock of the URL's
-    /// shard (which serialises it with the sweep's check-and-remove of the same URL), and tells the
-    /// sweeper when a URL new to the store expires. The evictions that make room happen here,
-    /// on the storing thread. Should another store of the URL hold it past [`ENTRY_WAIT`], the
-    /// variants are returned unstored.
+    /// shard (which serialises it with the sweep's check-and-remove of the same URL), and tells
+    /// the sweeper when a URL new to the store expires; returns what it stored. The evictions
+    /// that make room happen here, on the storing thread. `None`: not stored (a concurrent
+    /// store of the URL held it past [`ENTRY_WAIT`], or an invalidation removed it meanwhile).
     fn upsert(
         &self,
         key: &str,
         make: impl Fn(Option<&Arc<Variants>>) -> Arc<Variants>,
-    ) -> Arc<Variants> {
+    ) -> Option<Arc<Variants>> {
         let name: Arc<str> = Arc::from(key);
+        let mut heavier = None;
         let stored = self.cache.entry(&name, Some(ENTRY_WAIT), |_, v| {
-            *v = make(Some(v));
-            EntryAction::Retain(v.clone())
+            let new = make(Some(v));
+            if new.weight() > v.weight() {
+                // Grown in place, the shard would not evict for it: it is re-admitted instead.
+                heavier = Some(new);
+                EntryAction::ReplaceWithGuard
+            } else {
+                // The old variants are returned, to be freed after the lock is released.
+                EntryAction::Retain((std::mem::replace(v, new.clone()), new))
+            }
         });
         match stored {
-            EntryResult::Retained(v) => v,
+            EntryResult::Retained((_old, new)) => Some(new),
+            EntryResult::Replaced(guard, _old) => {
+                let new = heavier?;
+                guard.insert(new.clone()).ok().map(|()| new)
+            }
             EntryResult::Vacant(guard) => {
-                let v = make(None);
-                let _ = guard.insert(v.clone());
-                self.schedule(name, &v);
-                v
+                let new = make(None);
+                guard.insert(new.clone()).ok()?;
+                self.schedule(name, &new);
+                Some(new)
             }
-            EntryResult::Removed(..) | EntryResult::Replaced(..) | EntryResult::Timeout => {
-                make(None)
-            }
+            EntryResult::Removed(..) | EntryResult::Timeout => None,
         }
     }
 
     /// Stores all variants of a URL at once (a fill from the shared tier).
     pub fn fill(&self, variants: Arc<Variants>) {
-        self.upsert(variants.key.as_str(), |_| variants.clone());
+        let _ = self.upsert(variants.key.as_str(), |_| variants.clone());
     }
 
     /// Removes a URL's variants; whether there were any.
@@ -722,6 +739,42 @@ mod tests {
             assert!(bytes <= 4 << 20, "{bytes} bytes stored after {i} MiB");
         }
         assert!(evictions.get() >= 8, "{} evictions", evictions.get());
+    }
+
+    #[test]
+    fn a_url_growing_variants_is_held_to_the_budget() {
+        let evictions = IntCounter::new("e", "e").unwrap();
+        let store = MemoryStore::new(
+            4 << 20,
+            1 << 20,
+            evictions.clone(),
+            IntCounter::new("u", "u").unwrap(),
+        );
+        let now = super::super::policy::now_ms();
+        let variant = |lang: &str| {
+            Arc::new(CachedResponse::new(
+                StatusCode::OK,
+                &HeaderMap::new(),
+                Bytes::from(vec![b'x'; 900 << 10]),
+                Freshness {
+                    stored_at_ms: now,
+                    fresh_ms: 60_000,
+                    swr_ms: 0,
+                    sie_ms: 0,
+                },
+                vec![(
+                    HeaderName::from_static("accept-language"),
+                    Some(HeaderValue::from_str(lang).unwrap()),
+                )],
+            ))
+        };
+        store.insert(&key(1), entry(now, 60_000));
+        for (i, lang) in ["da", "de", "en", "fr", "it", "nl"].iter().enumerate() {
+            store.insert(&key(0), variant(lang));
+            let (_, bytes) = store.usage();
+            assert!(bytes <= 4 << 20, "{bytes} bytes after {} variants", i + 1);
+        }
+        assert!(evictions.get() >= 1, "storing past the budget evicted");
     }
 
     #[test]

@@ -236,7 +236,7 @@ impl ResponseCache {
                 }
             });
         if let Err(e) = spawned {
-            tracing::warn!(error = %e, "cannot start the cache housekeeping thread; requests will do it");
+            tracing::warn!(error = %e, "cannot start the cache housekeeping thread; expired entries will leave only by eviction");
         }
         cache
     }
@@ -485,8 +485,9 @@ impl ResponseCache {
     }
 
     fn store(&self, tier: Option<&RedisTier>, key: &CacheKey, entry: Arc<CachedResponse>) {
-        let variants = self.memory.insert(key, entry);
-        self.write_tier(tier, variants);
+        if let Some(variants) = self.memory.insert(key, entry) {
+            self.write_tier(tier, variants);
+        }
     }
 
     fn write_tier(&self, tier: Option<&RedisTier>, variants: Arc<Variants>) {
