@@ -176,8 +176,12 @@ half_open_requests = 1"#,
              ejected by health checks after {ejected:?}; back {returned:?} after the restart"
         );
         assert_eq!(get_failed, 0, "GETs are retried on another replica");
+        // A POST cannot be retried once sent. Besides those in the replica's handler at the
+        // snapshot, one may be on the wire: written to the replica's socket after the snapshot,
+        // or not yet read by it, as its runtime stops (at about 100 POSTs/s, one in a
+        // sub-millisecond window; a CI run of 2026-12-02 had one).
         assert!(
-            post_failed <= in_flight_at_kill,
+            post_failed <= in_flight_at_kill + 1,
             "{post_failed} POSTs failed, {in_flight_at_kill} requests were in flight on the killed replica"
         );
         assert!(get_ok + post_ok > 1000, "the load ran: {get_ok} + {post_ok}");
