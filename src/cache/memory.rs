@@ -39,9 +39,10 @@ const ENTRY_OVERHEAD: usize = 800;
 /// The most shards the memory tier is split into (each has its own lock and its share of the
 /// budget).
 const MAX_SHARDS: u64 = 8;
-/// The share of a shard's budget an entry (a URL's variants) may weigh: quick_cache refuses a
-/// heavier one (and the store counts it as evicted). Fewer shards are used when one's share
-/// would not hold [`MAX_VARIANTS`] of the largest bodies.
+/// The share of a shard's budget kept for its hot entries (quick_cache's hot allocation), which
+/// is also the most an entry (a URL's variants) may weigh: a heavier one is refused (and the
+/// store counts it as evicted). Fewer shards are used when one's share would not hold
+/// [`MAX_VARIANTS`] of the largest bodies.
 const ADMIT_PERCENT: u64 = 97;
 /// The bytes per stored URL assumed to size the table at start (it grows past it).
 const EXPECTED_URL_BYTES: u64 = 4096;
@@ -448,6 +449,7 @@ impl MemoryStore {
         let options = quick_cache::OptionsBuilder::new()
             .shards(shards as usize)
             .weight_capacity(budget)
+            .hot_allocation(ADMIT_PERCENT as f64 / 100.0)
             .estimated_items_capacity((budget / EXPECTED_URL_BYTES).clamp(1024, 1 << 20) as usize)
             .build()
             .expect("shards, weight and items are all set");
@@ -558,7 +560,8 @@ impl MemoryStore {
         }
     }
 
-    /// Adds or replaces one variant; returns the URL's variants as now stored.
+    /// Adds or replaces one variant; returns the URL's variants as now stored (`None`: not
+    /// stored, as a concurrent store of the URL held it too long or an invalidation won).
     pub fn insert(&self, key: &CacheKey, entry: Arc<CachedResponse>) -> Option<Arc<Variants>> {
         self.upsert(key.as_str(), |old| match old {
             Some(old) => Arc::new(old.with(entry.clone())),
@@ -683,19 +686,34 @@ mod tests {
         assert_eq!(e.head.to_map(), expected, "HTTP/2 gets the same lines back");
     }
 
-    fn entry(stored_at_ms: u64, fresh_ms: u64) -> Arc<CachedResponse> {
+    /// A 200 without headers, fresh for `fresh_ms` from `stored_at_ms`.
+    fn response(
+        stored_at_ms: u64,
+        fresh_ms: u64,
+        body: Bytes,
+        vary: Vec<(HeaderName, Option<HeaderValue>)>,
+    ) -> Arc<CachedResponse> {
         Arc::new(CachedResponse::new(
             StatusCode::OK,
             &HeaderMap::new(),
-            Bytes::from_static(b"body"),
+            body,
             Freshness {
                 stored_at_ms,
                 fresh_ms,
                 swr_ms: 0,
                 sie_ms: 0,
             },
-            Vec::new(),
+            vary,
         ))
+    }
+
+    fn entry(stored_at_ms: u64, fresh_ms: u64) -> Arc<CachedResponse> {
+        response(
+            stored_at_ms,
+            fresh_ms,
+            Bytes::from_static(b"body"),
+            Vec::new(),
+        )
     }
 
     fn key(i: usize) -> CacheKey {
@@ -713,20 +731,7 @@ mod tests {
             IntCounter::new("u", "u").unwrap(),
         );
         let now = super::super::policy::now_ms();
-        let big = || {
-            Arc::new(CachedResponse::new(
-                StatusCode::OK,
-                &HeaderMap::new(),
-                Bytes::from(vec![b'x'; 1 << 20]),
-                Freshness {
-                    stored_at_ms: now,
-                    fresh_ms: 60_000,
-                    swr_ms: 0,
-                    sie_ms: 0,
-                },
-                Vec::new(),
-            ))
-        };
+        let big = || response(now, 60_000, Bytes::from(vec![b'x'; 1 << 20]), Vec::new());
         store.insert(&key(0), big());
         assert!(matches!(
             store.find(&key(0), &HeaderMap::new(), now),
@@ -752,21 +757,9 @@ mod tests {
         );
         let now = super::super::policy::now_ms();
         let variant = |lang: &str| {
-            Arc::new(CachedResponse::new(
-                StatusCode::OK,
-                &HeaderMap::new(),
-                Bytes::from(vec![b'x'; 900 << 10]),
-                Freshness {
-                    stored_at_ms: now,
-                    fresh_ms: 60_000,
-                    swr_ms: 0,
-                    sie_ms: 0,
-                },
-                vec![(
-                    HeaderName::from_static("accept-language"),
-                    Some(HeaderValue::from_str(lang).unwrap()),
-                )],
-            ))
+            let vary = HeaderValue::from_str(lang).unwrap();
+            let vary = vec![(HeaderName::from_static("accept-language"), Some(vary))];
+            response(now, 60_000, Bytes::from(vec![b'x'; 900 << 10]), vary)
         };
         store.insert(&key(1), entry(now, 60_000));
         for (i, lang) in ["da", "de", "en", "fr", "it", "nl"].iter().enumerate() {
