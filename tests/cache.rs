@@ -823,6 +823,42 @@ async fn two_instances_share_the_redis_tier_corrupt_entries_are_misses_and_purge
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_a_redis_cluster_tier() {
+    bounded(60, async {
+        let cluster = RedisCluster::start();
+        let up = Upstream::start("a");
+        let config = cache_config(
+            &format!(
+                "[cache]\nredis = {{ url = \"{}\", timeout = \"500ms\" }}\n",
+                cluster.url()
+            ),
+            &up.url(),
+            r#"{ ttl = "60s" }"#,
+        );
+        let a = Palisade::start(&config).await;
+        let b = Palisade::start(&config).await;
+        let c = http1();
+        // Keys on several slots, so on more than one node.
+        for i in 0..6 {
+            let path = format!("/clustered/{i}");
+            let first = get(&c, &a.url(&path), &[]).await;
+            cluster
+                .wait_key(&format!("palisade:cache:v1:api:127.0.0.1{path}"))
+                .await;
+            let other = get(&c, &b.url(&path), &[]).await;
+            assert_eq!(other.body, first.body);
+            assert!(
+                other.header("cache-status").unwrap().contains("hit"),
+                "{path}: {:?}",
+                other.headers
+            );
+        }
+        assert_eq!(up.hits(), 6, "each URL cached through A, a hit on B");
+    })
+    .await;
+}
+
 async fn purge(p: &Palisade, body: &str) -> Reply {
     send(
         &http1(),

@@ -11,11 +11,17 @@ pub struct RedisServer {
     /// Its address.
     pub addr: SocketAddr,
     dir: tempfile::TempDir,
+    /// Arguments after the common ones (cluster mode).
+    extra: Vec<&'static str>,
 }
 
 impl RedisServer {
     /// Starts redis-server on a free port and waits until it answers PING.
     pub fn start() -> RedisServer {
+        RedisServer::start_with(Vec::new())
+    }
+
+    fn start_with(extra: Vec<&'static str>) -> RedisServer {
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("pick a port");
             l.local_addr().expect("addr").port()
@@ -24,6 +30,7 @@ impl RedisServer {
             child: None,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             dir: tempfile::tempdir().expect("temp dir"),
+            extra,
         };
         r.restart();
         r
@@ -53,6 +60,7 @@ impl RedisServer {
                 &self.addr.port().to_string(),
             ])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(&self.extra)
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -115,5 +123,63 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A Redis Cluster of three masters (no replicas), each a redis-server of its own on a free port.
+pub struct RedisCluster {
+    /// The nodes.
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts three cluster-mode nodes, joins them with `redis-cli --cluster create` and waits
+    /// until every node reports `cluster_state:ok`.
+    pub fn start() -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| RedisServer::start_with(vec!["--cluster-enabled", "yes"]))
+            .collect();
+        let status = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(nodes.iter().map(|n| n.addr.to_string()))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli must be installed (it comes with redis-server)");
+        assert!(status.success(), "redis-cli --cluster create failed");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !nodes.iter().all(|n| {
+            n.command(&["CLUSTER", "INFO"])
+                .is_ok_and(|r| r.contains("cluster_state:ok"))
+        }) {
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not reach cluster_state:ok within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        RedisCluster { nodes }
+    }
+
+    /// Waits up to 5 s for `key` to exist on the node that owns it (the others answer MOVED).
+    pub async fn wait_key(&self, key: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.nodes.iter().any(|n| {
+            n.command(&["EXISTS", key])
+                .is_ok_and(|r| r.starts_with(":1"))
+        }) {
+            assert!(Instant::now() < deadline, "{key:?} is in no cluster node");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `redis+cluster://HOST:PORT,HOST:PORT` naming two of the three nodes as seeds.
+    pub fn url(&self) -> String {
+        format!(
+            "redis+cluster://{},{}",
+            self.nodes[0].addr, self.nodes[1].addr
+        )
     }
 }
