@@ -423,11 +423,11 @@ async fn unsafe_methods_invalidate_their_url_and_location() {
         let up = Upstream::start("a");
         let p = Palisade::start(&cache_config("", &up.url(), r#"{ ttl = "60s" }"#)).await;
         let c = http1();
-        for path in ["/items/1", "/items/2", "/items/3"] {
+        for path in ["/items/1", "/items/2", "/items/3", "/items/4"] {
             get(&c, &p.url(path), &[]).await;
             get(&c, &p.url(path), &[]).await;
         }
-        assert_eq!(up.hits(), 3);
+        assert_eq!(up.hits(), 4);
         let post = send(
             &c,
             http::Request::post(p.url("/items/1"))
@@ -454,6 +454,19 @@ async fn unsafe_methods_invalidate_their_url_and_location() {
             r.header("cache-status").unwrap().contains("fwd=miss"),
             "Location invalidated"
         );
+        let patch = send(
+            &c,
+            http::Request::patch(p.url("/items?cloc=/items/4"))
+                .body(full("x"))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(patch.status, 200);
+        let r = get(&c, &p.url("/items/4"), &[]).await;
+        assert!(
+            r.header("cache-status").unwrap().contains("fwd=miss"),
+            "Content-Location invalidated"
+        );
         let failed = send(
             &c,
             http::Request::delete(p.url("/items/3?status=500"))
@@ -468,7 +481,7 @@ async fn unsafe_methods_invalidate_their_url_and_location() {
             "a failed DELETE invalidates nothing"
         );
         let m = p.metrics().await;
-        assert_eq!(lookups(&m, "bypass"), 3.0);
+        assert_eq!(lookups(&m, "bypass"), 4.0);
     })
     .await;
 }
@@ -588,11 +601,14 @@ async fn a_hundred_concurrent_misses_reach_the_upstream_once() {
             tasks.push(tokio::spawn(async move { get(&c, &url, &[]).await }));
         }
         let mut bodies = Vec::new();
+        let mut collapsed = 0;
         for t in tasks {
             let r = t.await.unwrap();
             assert_eq!(r.status, 200);
+            collapsed += usize::from(r.header("cache-status").unwrap().contains("collapsed"));
             bodies.push(r.body);
         }
+        assert_eq!(collapsed, 99, "the waiters' Cache-Status says collapsed");
         assert_eq!(
             up.hits(),
             1,

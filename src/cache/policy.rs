@@ -405,6 +405,9 @@ mod tests {
             run(&s, Default::default(), &[("set-cookie", "a=b")]),
             Err(NotStored::SetCookie)
         );
+        let mut cookies = spec(60);
+        cookies.allow_set_cookie = true;
+        assert!(run(&cookies, Default::default(), &[("set-cookie", "a=b")]).is_ok());
         let auth = RequestFacts {
             authorization: true,
             no_store: false,

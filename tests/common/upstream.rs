@@ -474,6 +474,9 @@ impl Ctx {
             if let Some(v) = q.get("loc") {
                 set(h, "location", v);
             }
+            if let Some(v) = q.get("cloc") {
+                set(h, "content-location", v);
+            }
             if let Some(v) = q.get("cl") {
                 set(h, "content-length", v);
             }
